@@ -1,0 +1,116 @@
+"""Find and load a model: a local Hugging Face directory or the bundled `demo` checkpoint.
+
+Weights are loaded from safetensors only (never pickle) and remote code stays off unless asked for.
+Nothing here touches the network: every load is `local_files_only`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from moeserve.errors import MoeServeError
+
+DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo"
+
+
+def resolve_model_path(spec: str | os.PathLike) -> Path:
+    """`demo` or a local directory holding config.json -> that directory."""
+    if str(spec) == "demo":
+        path = DEMO_MODEL_DIR
+        if not (path / "config.json").is_file():
+            raise MoeServeError(f"the bundled demo model is missing from {path} (broken install?)")
+        return path
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise MoeServeError(f"model directory not found: {path} (give a local Hugging Face directory or 'demo')")
+    if not path.is_dir():
+        raise MoeServeError(f"model must be a directory with config.json, got a file: {path}")
+    if not (path / "config.json").is_file():
+        raise MoeServeError(f"no config.json in {path}: not a Hugging Face model directory")
+    return path
+
+
+def load_config(spec: str | os.PathLike, trust_remote_code: bool = False):
+    """The model's `PretrainedConfig`, read offline."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(spec)
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise MoeServeError(f"{path / 'config.json'} is not valid JSON: {exc}") from None
+    if "auto_map" in raw and not trust_remote_code and "model_type" not in raw:
+        raise MoeServeError(f"{path} needs remote code; pass --trust-remote-code if you trust it")
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except ValueError as exc:  # unknown model_type, remote code refused, ...
+        raise MoeServeError(f"cannot read the config in {path}: {str(exc).splitlines()[0]}") from None
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """`auto` picks CUDA when present, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MoeServeError("--device cuda asked for, but no CUDA device is available")
+    if device not in ("cpu", "cuda"):
+        raise MoeServeError(f"unknown device {device!r}: use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def _has_safetensors(path: Path) -> bool:
+    return any(path.glob("*.safetensors"))
+
+
+def load_model(
+    spec: str | os.PathLike,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+    experts_implementation: str | None = None,
+):
+    """Load a causal LM for inference (eval mode) from safetensors weights, offline.
+
+    `dtype="auto"` keeps the checkpoint's dtype, except that half precision on the CPU becomes float32
+    (CPU kernels for fp16/bf16 are slow and less exact).
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(spec)
+    config = load_config(path, trust_remote_code=trust_remote_code)
+    if not _has_safetensors(path):
+        raise MoeServeError(f"no .safetensors weights in {path}: moeserve loads safetensors only (never pickle)")
+    device = torch.device(device) if not isinstance(device, torch.device) else device
+    if dtype == "auto":
+        saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        saved = getattr(torch, saved) if isinstance(saved, str) else saved
+        dtype = torch.float32 if device.type == "cpu" and saved in (torch.float16, torch.bfloat16) else saved
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    kwargs = {}
+    if experts_implementation is not None:
+        kwargs["experts_implementation"] = experts_implementation
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=dtype,
+        local_files_only=True,
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+        **kwargs,
+    )
+    return model.to(device).eval()
+
+
+def load_tokenizer(spec: str | os.PathLike, trust_remote_code: bool = False):
+    """The model's tokenizer, read offline."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(spec)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise MoeServeError(f"cannot load a tokenizer from {path}: {str(exc).splitlines()[0]}") from None
