@@ -83,3 +83,36 @@ def routing_rule(config) -> RoutingRule:
             scaling=float(getattr(config, "routed_scaling_factor", 1.0)),
         )
     return RoutingRule("softmax", renormalize=norm, known=False)
+
+
+def select_experts(logits, rule: RoutingRule, top_k: int, selection_bias=None):
+    """Apply `rule` to router logits: [T, E] -> (weights [T, K] float32, ids [T, K] int64).
+
+    An independent implementation of each family's rule (the model's router module is the reference;
+    tests check they agree). `selection_bias` [E] is DeepSeek-V3's e_score_correction_bias. The
+    logits already include a "logit" bias (GPT-OSS adds it inside its linear layer).
+    """
+    import torch
+
+    logits = logits.float()
+    if rule.scoring == "sparsemixer":
+        raise NotImplementedError("Phi-MoE's sparsemixer is only run by the model's own router")
+    scores = torch.sigmoid(logits) if rule.scoring == "sigmoid" else torch.softmax(logits, dim=-1)
+    choice = scores + selection_bias.float() if rule.bias == "selection" and selection_bias is not None else scores
+    if rule.groups:
+        t, e = choice.shape
+        grouped = choice.view(t, rule.groups, e // rule.groups)
+        if rule.group_score == "top2_sum":
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        else:
+            group_scores = grouped.max(dim=-1).values
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, group_scores.topk(rule.topk_groups, dim=-1).indices, True)
+        mask = keep.unsqueeze(-1).expand_as(grouped).reshape(t, e)
+        fill = float("-inf") if rule.scoring == "sigmoid" else 0.0
+        choice = choice.masked_fill(~mask, fill)
+    ids = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if rule.renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + (1e-20 if rule.scoring == "sigmoid" else 0.0))
+    return weights * rule.scaling, ids
