@@ -15,12 +15,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def tiny_model_dirs(tmp_path_factory):
     """Saved tiny models of every family (and a dense one), as Hugging Face directories."""
     import transformers as tf
-    from tiny_models import DENSE_CONFIG, TINY_CONFIGS, save_tiny_model
+    from tiny_models import DENSE_CONFIG, TINY_CONFIGS, save_tiny_model, save_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("tiny_models")
     dirs = {}
     for family in TINY_CONFIGS:
         save_tiny_model(family, root / family)
+        save_tiny_tokenizer(root / family)
         dirs[family] = root / family
     tf.AutoModelForCausalLM.from_config(DENSE_CONFIG()).save_pretrained(root / "dense")
     dirs["dense"] = root / "dense"

@@ -14,7 +14,7 @@ def make_trace(num_experts=32, layers=3, top_k=4, lengths=(5, 7, 3), seed=0, pro
     ids = np.stack([np.stack([rng.choice(num_experts, top_k, replace=False) for _ in range(layers)])
                     for _ in range(t)])
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    phase = np.concatenate([[0] * (n - 2) + [1, 1] for n in lengths])
+    phase = np.concatenate([[0] * (n - min(2, n - 1)) + [1] * min(2, n - 1) for n in lengths])
     meta = TraceMeta(num_layers=layers, num_experts=num_experts, top_k=top_k, moe_layer_indices=list(range(layers)),
                      prompt_ids=[f"p{i}" for i in range(len(lengths))], domains=["a", "b", None])
     acts = np.stack([activation_matrix(ids[offsets[r]:offsets[r + 1]], num_experts) for r in range(len(lengths))])

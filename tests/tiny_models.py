@@ -69,3 +69,22 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
 def save_tiny_model(family: str, path, seed: int = 0) -> None:
     """Write a tiny model as a Hugging Face directory (safetensors) at `path`."""
     tiny_model(family, seed).save_pretrained(path)
+
+
+def save_tiny_tokenizer(path, vocab_size: int = 128) -> None:
+    """A real BPE tokenizer (tokenizers library) small enough for the tiny models' vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    alphabet = list("abcdefghijklmnopqrstuvwxyz0123456789.,?!'")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  initial_alphabet=alphabet, limit_alphabet=len(alphabet) + 2)
+    text = ["the quick brown fox jumps over the lazy dog", "def add(a, b): return a + b",
+            "what is the capital of france?", "solve 12 plus 30 equals 42"] * 20
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+    fast.save_pretrained(path)
