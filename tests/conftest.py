@@ -15,6 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def tiny_model_dirs(tmp_path_factory):
     """Saved tiny models of every family (and a dense one), as Hugging Face directories."""
     import transformers as tf
+
     from tiny_models import DENSE_CONFIG, TINY_CONFIGS, save_tiny_model, save_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("tiny_models")
@@ -24,5 +25,6 @@ def tiny_model_dirs(tmp_path_factory):
         save_tiny_tokenizer(root / family)
         dirs[family] = root / family
     tf.AutoModelForCausalLM.from_config(DENSE_CONFIG()).save_pretrained(root / "dense")
+    save_tiny_tokenizer(root / "dense")
     dirs["dense"] = root / "dense"
     return dirs

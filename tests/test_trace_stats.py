@@ -2,16 +2,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_trace_format import make_trace
 
 from moeserve.traces.stats import consecutive_overlap, js_divergence, trace_stats
+from test_trace_format import make_trace
 
 
 def naive_overlap(ids, offsets, k):
     vals = []
     for r in range(len(offsets) - 1):
         for t in range(offsets[r] + 1, offsets[r + 1]):
-            vals.append([len(set(ids[t, l]) & set(ids[t - 1, l])) / k for l in range(ids.shape[1])])
+            vals.append([len(set(ids[t, l_]) & set(ids[t - 1, l_])) / k for l_ in range(ids.shape[1])])
     return np.mean(vals, axis=0)
 
 

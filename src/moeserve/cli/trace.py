@@ -18,11 +18,13 @@ app.add_typer(trace_app, name="trace")
 
 
 def stats_table(title: str, stats: dict) -> Table:
-    t = Table(title=title)
-    cols = [("layer", "decoder_layer", "{}"), ("entropy", "entropy", "{:.3f}"), ("hot 10%", "hot10_share", "{:.1%}"),
-            ("hot 25%", "hot25_share", "{:.1%}"), ("overlap", "overlap", "{:.1%}"),
-            ("overlap dec", "overlap_decode", "{:.1%}"), ("JSD pre/dec", "prefill_decode_jsd", "{:.3f}"),
-            ("JSD domains", "domain_jsd", "{:.3f}"), ("JSD within", "within_domain_jsd", "{:.3f}")]
+    t = Table(title=title, caption="H: activation entropy / log2(E); top10%/top25%: share of routed tokens taken "
+              "by the hottest experts; reuse: consecutive-token expert overlap (dec: decode only); JSD (bits): "
+              "prefill vs decode, between domains, within a domain")
+    cols = [("layer", "decoder_layer", "{}"), ("H", "entropy", "{:.2f}"), ("top10%", "hot10_share", "{:.0%}"),
+            ("top25%", "hot25_share", "{:.0%}"), ("reuse", "overlap", "{:.0%}"),
+            ("reuse dec", "overlap_decode", "{:.0%}"), ("JSD p/d", "prefill_decode_jsd", "{:.3f}"),
+            ("JSD dom", "domain_jsd", "{:.3f}"), ("JSD in", "within_domain_jsd", "{:.3f}")]
     for name, _, _ in cols:
         t.add_column(name, justify="right")
     for i in range(len(stats["decoder_layer"])):

@@ -79,7 +79,9 @@ def load_model(
     (CPU kernels for fp16/bf16 are slow and less exact).
     """
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # moeserve draws its own progress; keep stderr to one line per event
     path = resolve_model_path(spec)
     config = load_config(path, trust_remote_code=trust_remote_code)
     if not _has_safetensors(path):

@@ -117,6 +117,11 @@ def build_trace(
     if gen_tokens < 0 or batch_size < 1:
         raise MoeServeError("--gen-tokens must be >= 0 and --batch-size >= 1")
     layers = require_moe_layers(model)
+    max_pos = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if max_pos:  # leave room for the generated tokens inside the model's context
+        if max_pos <= gen_tokens:
+            raise MoeServeError(f"--gen-tokens {gen_tokens} does not fit the model's {max_pos}-token context")
+        max_prompt_tokens = min(max_prompt_tokens, max_pos - gen_tokens)
     emb = model.get_input_embeddings().weight.detach().float().cpu().numpy()
     per_request: list[RequestRouting] = []
     for start in range(0, len(prompts), batch_size):
