@@ -18,8 +18,15 @@ def naive_overlap(ids, offsets, k):
 def test_overlap_matches_naive_and_ignores_request_boundaries():
     trace = make_trace(num_experts=6, top_k=3, lengths=(4, 9, 1, 5), seed=3)
     ids, off = trace["expert_ids"], trace["request_offsets"]
-    got = consecutive_overlap(ids, off, chunk=3)
-    assert np.allclose(got, naive_overlap(ids, off, 3))
+    assert np.allclose(consecutive_overlap(ids, off), naive_overlap(ids, off, 3))
+
+
+def test_decode_only_overlap_pairs_consecutive_decode_tokens():
+    ids = np.array([[[0, 1]], [[0, 1]], [[2, 3]], [[2, 4]], [[5, 6]], [[5, 7]]])  # 6 tokens, 1 layer, top-2
+    off = np.array([0, 4, 6])
+    decode = np.array([False, False, True, True, False, True])
+    # decode pairs: (2,3) in request 0 only -> |{2,3} & {2,4}| / 2 = 0.5; request 1 has one decode token
+    assert consecutive_overlap(ids, off, decode).tolist() == [0.5]
 
 
 def test_overlap_of_identical_tokens_is_one():

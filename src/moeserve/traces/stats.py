@@ -25,32 +25,27 @@ def js_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return 0.5 * kl(p, m) + 0.5 * kl(q, m)
 
 
-def consecutive_overlap(expert_ids: np.ndarray, request_offsets: np.ndarray, pair_mask: np.ndarray | None = None,
-                        chunk: int = 65536) -> np.ndarray:
-    """Mean |E_t ∩ E_{t-1}| / k over consecutive token pairs of the same request, per layer.
+def consecutive_overlap(expert_ids: np.ndarray, request_offsets: np.ndarray,
+                        rows: np.ndarray | None = None) -> np.ndarray:
+    """Mean |E_t ∩ E_{t-1}| / k over consecutive tokens of the same request, per layer.
 
-    expert_ids: [T, L, K]; request_offsets: [R + 1]; pair_mask: [T] bool, True where the pair (t-1, t)
-    counts (e.g. decode tokens only). -> [L] float (nan when no pair counts).
+    expert_ids: [T, L, K]; request_offsets: [R + 1]; rows: [T] bool, the tokens that count (pairs are
+    formed only between consecutive counted tokens of one request, e.g. decode tokens). -> [L] (nan if
+    no pair). Delegates to the cache simulator's overlap_ratio (one implementation).
     """
-    t, layers, k = expert_ids.shape
-    valid = np.ones(t, dtype=bool)
-    valid[np.asarray(request_offsets[:-1], dtype=np.int64).clip(max=t - 1) if t else []] = False
-    if t:
-        valid[0] = False
-    if pair_mask is not None:
-        valid &= pair_mask
-    total = np.zeros(layers)
-    pairs = int(valid.sum())
-    for start in range(1, t, chunk):
-        stop = min(t, start + chunk)
-        sel = valid[start:stop]
-        if not sel.any():
-            continue
-        cur = expert_ids[start:stop][sel].astype(np.int16)
-        prev = expert_ids[start - 1 : stop - 1][sel].astype(np.int16)
-        shared = (cur[:, :, :, None] == prev[:, :, None, :]).any(-1).sum(-1)  # [n, L]
-        total += shared.sum(0)
-    return total / (pairs * k) if pairs else np.full(layers, np.nan)
+    from moeserve.cache import overlap_ratio
+
+    t = expert_ids.shape[0]
+    starts = np.zeros(t, dtype=bool)
+    starts[np.asarray(request_offsets[:-1], dtype=np.int64)[np.asarray(request_offsets[:-1]) < t]] = True
+    if rows is not None:
+        prev_counted = np.r_[False, rows[:-1]]
+        starts = (starts | ~prev_counted)[rows]
+        expert_ids = expert_ids[rows]
+    run_starts = np.flatnonzero(starts)
+    if len(expert_ids) < 2 or len(run_starts) == len(expert_ids):
+        return np.full(expert_ids.shape[1], np.nan)
+    return overlap_ratio(expert_ids, run_starts)
 
 
 @dataclass(frozen=True)
@@ -89,8 +84,6 @@ def trace_stats(trace: ExpertTrace) -> LayerStats:
     overall = activation_matrix(ids, e)
     pre = activation_matrix(ids[phase == PREFILL], e)
     dec = activation_matrix(ids[phase == DECODE], e)
-    both_decode = np.zeros(len(phase), dtype=bool)
-    both_decode[1:] = (phase[1:] == DECODE) & (phase[:-1] == DECODE)
     pre_dec = js_divergence(pre, dec) if (phase == DECODE).any() and (phase == PREFILL).any() else np.full(layers, np.nan)
     cross, within = _domain_divergence(trace)
     return LayerStats(
@@ -99,7 +92,7 @@ def trace_stats(trace: ExpertTrace) -> LayerStats:
         hot10_share=_hot_share(overall, 0.10).tolist(),
         hot25_share=_hot_share(overall, 0.25).tolist(),
         overlap=consecutive_overlap(ids, offsets).tolist(),
-        overlap_decode=consecutive_overlap(ids, offsets, both_decode).tolist(),
+        overlap_decode=consecutive_overlap(ids, offsets, phase == DECODE).tolist(),
         prefill_decode_jsd=np.asarray(pre_dec).tolist(),
         domain_jsd=cross.tolist(),
         within_domain_jsd=within.tolist(),
