@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import DENSE_CONFIG, TINY_CONFIGS, tiny_model
 
 from moeserve.errors import MoeServeError
 from moeserve.models.adapter import (
@@ -15,6 +14,7 @@ from moeserve.models.adapter import (
     routed_forward,
     shared_forward,
 )
+from tiny_models import DENSE_CONFIG, TINY_CONFIGS, tiny_model
 
 FAMILIES = sorted(TINY_CONFIGS)
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_models import tiny_model
 
 from moeserve.models.adapter import moe_layers
 from moeserve.models.routing import select_experts
 from moeserve.traces.capture import RoutingCapture
 from moeserve.traces.format import DECODE, PREFILL
 from moeserve.traces.profile import generate_with_routing
+from tiny_models import tiny_model
 
 
 class ToyTokenizer:

@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
-from cli_run import run_cli
-from tiny_models import tiny_model
 
+from cli_run import run_cli
 from moeserve.models.adapter import expert_weights, moe_layers
 from moeserve.models.geometry import geometry_of, inspect_model
+from tiny_models import tiny_model
 
 
 def test_help_lists_working_subcommands():

@@ -3,8 +3,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from cli_run import run_cli
 
+from cli_run import run_cli
 from moeserve.traces.format import ExpertTrace
 
 

@@ -7,7 +7,14 @@ import sys
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 # Human output goes to stderr so that `--json` output on stdout stays machine-readable.
 console = Console(stderr=True)
@@ -42,5 +49,5 @@ def progress(disable: bool = False) -> Progress:
         TextColumn("{task.fields[status]}"),
         console=console,
         disable=disable,
-        transient=False,
+        transient=True,  # the bar disappears when done: the result (or the one-line error) is what stays
     )

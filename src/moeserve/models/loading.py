@@ -116,3 +116,18 @@ def load_tokenizer(spec: str | os.PathLike, trust_remote_code: bool = False):
         return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise MoeServeError(f"cannot load a tokenizer from {path}: {str(exc).splitlines()[0]}") from None
+
+
+def load_input_embeddings(spec: str | os.PathLike):
+    """The input-embedding matrix [vocab, hidden] as float32 numpy, read from safetensors alone
+    (memory-mapped; the rest of the model is not loaded)."""
+    import numpy as np
+    from safetensors import safe_open
+
+    path = resolve_model_path(spec)
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            key = next((k for k in f.keys() if k.endswith("embed_tokens.weight")), None)
+            if key is not None:
+                return f.get_tensor(key).float().numpy().astype(np.float32)
+    raise MoeServeError(f"no input-embedding tensor (*embed_tokens.weight) in {path}")

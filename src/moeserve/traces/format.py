@@ -57,6 +57,10 @@ class TraceMeta:
     crc32: dict[str, int] = field(default_factory=dict)
 
 
+def _crc32(array: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+
+
 def expert_id_dtype(num_experts: int) -> np.dtype:
     return np.dtype(np.uint8) if num_experts <= 256 else np.dtype(np.int16)
 
@@ -119,7 +123,7 @@ class ExpertTrace:
                 array = f.get_tensor(name)
         except Exception as exc:  # safetensors raises its own error types for short or broken files
             raise MoeServeError(f"trace {self._path} is truncated or corrupt ({name}: {exc})") from None
-        if zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B")) != self.meta.crc32.get(name):
+        if _crc32(array) != self.meta.crc32.get(name):
             raise MoeServeError(f"trace {self._path} is corrupt: checksum mismatch in {name}")
         return array
 
@@ -144,7 +148,7 @@ class ExpertTrace:
 
         path = Path(path)
         tensors = {name: self[name] for name in sorted(self._available)}
-        self.meta.crc32 = {n: zlib.crc32(memoryview(np.ascontiguousarray(t)).cast("B")) for n, t in tensors.items()}
+        self.meta.crc32 = {n: _crc32(t) for n, t in tensors.items()}
         self.meta.moeserve_version = self.meta.moeserve_version or __version__
         self.meta.created = self.meta.created or datetime.now(timezone.utc).isoformat(timespec="seconds")
         header = {"moeserve": json.dumps(asdict(self.meta))}
