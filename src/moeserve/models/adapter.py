@@ -105,7 +105,7 @@ def text_config(model_or_config):
 
 def _is_experts(module: nn.Module) -> bool:
     return hasattr(module, "down_proj") and (hasattr(module, "gate_up_proj") or hasattr(module, "up_proj")) and (
-        isinstance(getattr(module, "down_proj"), nn.Parameter)
+        isinstance(module.down_proj, nn.Parameter)
     )
 
 
