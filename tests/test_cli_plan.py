@@ -93,3 +93,21 @@ def test_plan_file_round_trip_and_bad_plan(planned, tmp_path):
     (tmp_path / "broken.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(MoeServeError, match="run nowhere"):
         load_plan(tmp_path / "broken.yaml")
+
+
+def test_moeless_plan_with_eplb_comparison_and_location_map(planned):
+    out = planned["root"] / "moeless.yaml"
+    r = run_cli("plan", planned["trace"], "--strategy", "moeless", "--hardware", planned["hw"], "--gpus", "4",
+                "--replica-budget", "4", "--window", "2", "--out", out, "--json")
+    assert r.code == 0, r.err
+    s = json.loads(r.out)
+    plan = load_plan(out)
+    assert plan.strategy == "moeless"
+    assert set(s["replay"]) == {"static", "eplb", "moeless_predicted", "moeless_oracle"}
+    # same loads, same budget: MoEless's planned balance is no worse than EPLB's
+    assert s["balancedness_planned"]["moeless"] <= s["balancedness_planned"]["eplb"] + 1e-9
+    loc = plan.extra["expert_location"]
+    phy2log = np.array(loc["phy2log"])
+    assert phy2log.shape[0] == 2 and set(np.unique(phy2log[phy2log >= 0])) == set(range(16))
+    copies = {(f.layer, e) for f in plan.functions for e in f.experts}
+    assert copies == {(layer, e) for layer in (1, 2) for e in range(16)}

@@ -42,6 +42,7 @@ def plan_cmd(
     keep_alive: float = typer.Option(60.0, "--keep-alive", help="Seconds an idle expert function stays warm."),
     gpus: int = typer.Option(8, "--gpus", help="MoEless: devices to place expert replicas on."),
     replica_budget: int | None = typer.Option(None, "--replica-budget", help="MoEless: extra replicas per layer."),
+    window: float = typer.Option(5.0, "--window", help="MoEless: scheduling window in seconds of arrivals."),
     evaluate: bool = typer.Option(False, "--evaluate", help="Hold out 20% of prompts: SPS accuracy and replay."),
     out: Path = typer.Option(Path("plan.yaml"), "--out", "-o", help="Plan file to write."),
     json_out: bool = typer.Option(False, "--json", help="Print plan figures and report as JSON."),
@@ -75,7 +76,8 @@ def plan_cmd(
     if strategy == "moeless":
         from moeserve.cli.plan_moeless import plan_moeless_cmd
 
-        plan_moeless_cmd(trace, tr, geometry, hardware, gpus, replica_budget, keep_alive, out, json_out, seed)
+        plan_moeless_cmd(trace, tr, geometry, hardware, gpus, replica_budget, keep_alive, out, json_out, window,
+                         pricing)
         return
     if strategy != "remoe":
         raise MoeServeError(f"unknown strategy {strategy!r}: use remoe or moeless")
