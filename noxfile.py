@@ -25,5 +25,8 @@ def lint(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Speed and memory benchmarks; each reports the machine and its own baseline from the same run."""
     session.install(TORCH, "-e", ".[dev]")
+    # each script parses only its own flags; `nox -s bench -- bench_capture` runs one of them
+    wanted = set(session.posargs)
     for script in sorted(__import__("pathlib").Path("scripts").glob("bench_*.py")):
-        session.run("python", str(script), *session.posargs)
+        if not wanted or script.stem in wanted:
+            session.run("python", str(script))
