@@ -184,7 +184,7 @@ def require_moe_layers(model: nn.Module, name: str = "model") -> list[MoELayer]:
     return layers
 
 
-def _split_gate_up(t: torch.Tensor, concatenated: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def split_gate_up(t: torch.Tensor, concatenated: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """[2I, ...] -> ([I, ...], [I, ...]): halves, or even/odd rows for interleaved layouts."""
     if concatenated:
         half = t.shape[0] // 2
@@ -205,10 +205,10 @@ def expert_weights(layer: MoELayer, expert: int) -> ExpertWeights:
     down = linear(ex.down_proj)
     down_bias = ex.down_proj_bias[expert] if lay.has_bias else None
     if lay.has_gate:
-        gate, up = _split_gate_up(linear(ex.gate_up_proj), lay.is_concatenated)
+        gate, up = split_gate_up(linear(ex.gate_up_proj), lay.is_concatenated)
         gb, ub = (None, None)
         if lay.has_bias:
-            gb, ub = _split_gate_up(ex.gate_up_proj_bias[expert], lay.is_concatenated)
+            gb, ub = split_gate_up(ex.gate_up_proj_bias[expert], lay.is_concatenated)
         return ExpertWeights(gate, up, down, gb, ub, down_bias)
     up_bias = ex.up_proj_bias[expert] if lay.has_bias else None
     return ExpertWeights(None, linear(ex.up_proj), down, None, up_bias, down_bias)

@@ -22,22 +22,7 @@ from moeserve.planning.sps import (
     search_tree,
     validate_history,
 )
-
-
-def js_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """Jensen-Shannon divergence in bits (0..1) between distributions on the last axis: [..., K] -> [...]."""
-    p = np.asarray(p, dtype=np.float64)
-    q = np.asarray(q, dtype=np.float64)
-    p = p / np.maximum(p.sum(-1, keepdims=True), 1e-300)
-    q = q / np.maximum(q.sum(-1, keepdims=True), 1e-300)
-    m = 0.5 * (p + q)
-
-    def kl(a: np.ndarray) -> np.ndarray:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            terms = np.where(a > 0, a * np.log2(a / np.where(m > 0, m, 1.0)), 0.0)
-        return terms.sum(-1)
-
-    return np.clip(0.5 * kl(p) + 0.5 * kl(q), 0.0, 1.0)
+from moeserve.traces.stats import js_divergence  # noqa: F401  (re-exported: one implementation)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from moeserve.errors import MoeServeError
-from moeserve.models.adapter import ExpertLayout, ExpertWeights
+from moeserve.models.adapter import ExpertLayout, ExpertWeights, split_gate_up
 
 _LAYER_KEY = re.compile(r"^(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<rest>.+)$")
 _PER_EXPERT = re.compile(r"^\w+\.experts\.(?P<expert>\d+)\.(?P<proj>\w+)\.(?P<kind>weight|bias)$")
@@ -77,14 +77,6 @@ def _index_layers(keys) -> dict[int, _LayerKeys]:
         elif gr := _GRANITE.match(rest):
             layers.setdefault(layer, _LayerKeys()).fused[_GRANITE_NAMES[gr["name"]]] = key
     return layers
-
-
-def _split_gate_up(t: torch.Tensor, concatenated: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """[2I, ...] -> ([I, ...], [I, ...]): halves, or even/odd rows for interleaved layouts."""
-    if concatenated:
-        half = t.shape[0] // 2
-        return t[:half], t[half:]
-    return t[0::2], t[1::2]
 
 
 class CheckpointExperts:
@@ -169,10 +161,10 @@ class CheckpointExperts:
             raise MoeServeError(f"{self.model_dir}: layer {layer} has no down_proj for its experts")
         down = linear("down_proj")
         if "gate_up_proj" in keys.fused:
-            gate, up = _split_gate_up(linear("gate_up_proj"), layout.is_concatenated)
+            gate, up = split_gate_up(linear("gate_up_proj"), layout.is_concatenated)
             gate_bias, up_bias = None, None
             if (gub := bias("gate_up_proj_bias")) is not None:
-                gate_bias, up_bias = _split_gate_up(gub, layout.is_concatenated)
+                gate_bias, up_bias = split_gate_up(gub, layout.is_concatenated)
             return dict(gate=gate, up=up, down=down, gate_bias=gate_bias, up_bias=up_bias,
                         down_bias=bias("down_proj_bias"))
         return dict(gate=None, up=linear("up_proj"), down=down, gate_bias=None, up_bias=bias("up_proj_bias"),

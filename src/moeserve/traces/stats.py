@@ -11,7 +11,7 @@ from moeserve.traces.format import DECODE, PREFILL, ExpertTrace
 
 
 def js_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """Jensen-Shannon divergence in bits along the last axis. p, q: [..., E] (normalised here) -> [...]."""
+    """Jensen-Shannon divergence in bits (0..1) along the last axis. p, q: [..., E] (normalised here) -> [...]."""
     p = np.asarray(p, dtype=np.float64)
     q = np.asarray(q, dtype=np.float64)
     p = p / np.maximum(p.sum(-1, keepdims=True), 1e-300)
@@ -22,7 +22,7 @@ def js_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(a > 0, a * np.log2(a / np.where(b > 0, b, 1.0)), 0.0).sum(-1)
 
-    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+    return np.clip(0.5 * kl(p, m) + 0.5 * kl(q, m), 0.0, 1.0)
 
 
 def consecutive_overlap(expert_ids: np.ndarray, request_offsets: np.ndarray,
