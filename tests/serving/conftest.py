@@ -12,10 +12,11 @@ def greedy_generate(model, prompt_ids: list[int], max_new_tokens: int) -> list[i
     return out[0, len(prompt_ids):].tolist()
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(scope="module")
 def one_thread():
     """Tiny models on a shared, loaded machine: one intra-op thread avoids OpenMP barrier waits that make
-    each forward orders of magnitude slower; restored afterwards for other tests."""
+    each forward orders of magnitude slower; restored afterwards for other tests. Opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

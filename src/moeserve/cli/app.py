@@ -36,7 +36,7 @@ def _root(
 
 def _register() -> None:
     # Each module adds its command to `app`; a command is registered only once it works.
-    from moeserve.cli import finetune, inspect, plan, profile, trace  # noqa: F401
+    from moeserve.cli import bench, finetune, inspect, plan, profile, serve, trace  # noqa: F401
 
 
 _register()
