@@ -33,9 +33,14 @@ def trace_arrays(trace: ExpertTrace) -> dict[str, np.ndarray]:
     decode = np.add.reduceat((phase == DECODE).astype(np.int64), off[:-1]) if len(phase) else np.zeros(0)
     lengths = np.diff(off)
     decode = np.where(lengths > 0, decode, 0)
+    prefill_act = trace["prefill_activation"].astype(np.float64)
+    decode_act = trace["decode_activation"].astype(np.float64)
+    # a request that stopped at once (EOS) has no decode activation: predict its decode by its prefill
+    empty = decode_act.sum(-1, keepdims=True) == 0
+    decode_act = np.where(empty, prefill_act, decode_act)
     return {
-        "prefill": trace["prefill_activation"].astype(np.float64),
-        "decode": trace["decode_activation"].astype(np.float64),
+        "prefill": prefill_act,
+        "decode": decode_act,
         "prompt_tokens": (lengths - decode).astype(np.int64),
         "output_tokens": (decode + 1).astype(np.int64),  # the first token comes out of prefill
         "vectors": trace["prompt_vectors"] if trace.has("prompt_vectors") else None,
