@@ -17,10 +17,13 @@ def plan_moeless_cmd(trace_path: Path, trace, geometry, hardware: str, gpus: int
     from moeserve.workloads import load_arrivals
 
     profile = load_hardware_profile(hardware)
+    from moeserve.planning.from_profiles import linear_latency
+
     curve = profile.expert_curve(device="cpu", dtype="float32")
+    fit = linear_latency(curve.tokens, curve.seconds)  # least squares, clipped to non-negative
     prices = load_pricing(*pricing)
     extra = geometry.num_experts // 4 if replica_budget is None else replica_budget
-    fleet = fleet_for(geometry, gpus, extra, curve.fit.a, curve.fit.b, prices.cpu.usd_per_gb_second)
+    fleet = fleet_for(geometry, gpus, extra, fit.fixed_s, fit.per_token_s, prices.cpu.usd_per_gb_second)
     plan, report = plan_moeless_from_trace(
         trace_path, trace, geometry, fleet, extra, load_arrivals("azure-conv").arrival_s, window_s, keep_alive,
         {"hardware": profile.name, "pricing": list(pricing), "devices": gpus, "replica_budget": extra,

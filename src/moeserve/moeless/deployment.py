@@ -65,6 +65,7 @@ def plan_moeless_from_trace(
                                  g.num_experts, fleet.num_devices)
     true_last = loads[-1]
     replay = compare_strategies(loads, fleet, extra_replicas, predicted, test, window_s)
+    token_model = _token_model_comparison(loads[1:], fleet, g, extra_replicas)
     layers = list(g.moe_layers)
     functions = [
         FunctionPlan(id=f"L{layer}-d{d}", layer=layer, experts=[int(e) for e in np.flatnonzero(mp.replicas[i, :, d])],
@@ -84,6 +85,7 @@ def plan_moeless_from_trace(
             "moeless": float(balancedness(device_loads(mp.replicas, true_last)).mean()),
             "eplb": float(balancedness(device_loads(eplb, true_last)).mean()),
         },
+        "token_model_every_window": token_model,
         "predictor": {"choice": list(predictor.choice), "wape": ours.wape.tolist(),
                       "wape_moving_average": theirs.wape.tolist(),
                       "straggler_recall": np.nan_to_num(ours.straggler_recall, nan=-1).tolist(),
@@ -97,6 +99,24 @@ def plan_moeless_from_trace(
                 inputs=inputs | {"trace": str(trace_path), "trace_sha256": file_sha256(trace_path)},
                 extra={"expert_location": lmap.to_json_dict(), "report": report})
     return plan, report
+
+
+def _token_model_comparison(loads: np.ndarray, fleet: DeviceFleet, g: ModelGeometry, extra: int) -> dict:
+    """MoEless vs EPLB on the same load matrices under the pure token model (time = tokens, no fixed
+    per-call cost): per window and layer, balancedness = max device tokens / mean. loads: [W, L, E]."""
+    token_fleet = uniform_fleet(fleet.num_devices, int(fleet.capacity_experts.max()), fixed_s=0.0, per_token_s=1.0)
+    ours, theirs = [], []
+    for window in loads:
+        if window.sum() == 0:
+            continue
+        ours.append(balancedness(device_loads(plan_moeless(window, token_fleet, extra).replicas, window)))
+        eplb = replicas_from_phy2log(eplb_phy2log(window, g.num_experts + extra, fleet.num_devices),
+                                     g.num_experts, fleet.num_devices)
+        theirs.append(balancedness(device_loads(eplb, window)))
+    ours, theirs = np.array(ours), np.array(theirs)  # [W, L]
+    return {"cases": int(ours.size), "moeless_worse": int((ours > theirs + 1e-9).sum()),
+            "moeless_better": int((ours < theirs - 1e-9).sum()), "moeless_mean": float(ours.mean()),
+            "eplb_mean": float(theirs.mean())}
 
 
 def _static(g: ModelGeometry, devices: int) -> np.ndarray:

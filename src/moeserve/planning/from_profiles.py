@@ -33,7 +33,7 @@ def plan_model(g: ModelGeometry) -> PlanModel:
     )
 
 
-def _linear(tokens: np.ndarray, seconds: np.ndarray) -> LinearLatency:
+def linear_latency(tokens: np.ndarray, seconds: np.ndarray) -> LinearLatency:
     """Least-squares a + b * tokens, both clipped at >= 0."""
     b, a = np.polyfit(np.asarray(tokens, float), np.asarray(seconds, float), 1)
     return LinearLatency(max(float(a), 0.0), max(float(b), 1e-12))
@@ -69,14 +69,14 @@ def plan_hardware(
     cpu_threads = sorted({c.threads for c in cpu.expert.curves if c.device == "cpu"})
     one = np.array([cpu.expert_latency_s(t, threads=cpu_threads[0], device="cpu", dtype="float32") for t in tokens])
     best = np.array([cpu.expert_latency_s(t, threads=cpu_threads[-1], device="cpu", dtype="float32") for t in tokens])
-    cpu_expert = _linear(tokens, np.minimum(one, best))
+    cpu_expert = linear_latency(tokens, np.minimum(one, best))
     layer_tokens = np.array([16.0, 64.0, 256.0])
-    cpu_layer = _linear(layer_tokens, [cpu.non_expert_latency_s("prefill", n, device="cpu") for n in layer_tokens])
+    cpu_layer = linear_latency(layer_tokens, [cpu.non_expert_latency_s("prefill", n, device="cpu") for n in layer_tokens])
     sheet = gpu.datasheet
     if sheet is None:
         raise MoeServeError(f"GPU profile {gpu.name} has no datasheet figures (use e.g. a100-80gb or h100-sxm)")
     dtype = g.dtype if g.dtype in ("float16", "bfloat16") else "bfloat16"
-    gpu_expert = _linear(tokens, [roofline_expert_latency_s(t, g.hidden_size, g.expert_intermediate_size, dtype,
+    gpu_expert = linear_latency(tokens, [roofline_expert_latency_s(t, g.hidden_size, g.expert_intermediate_size, dtype,
                                                             sheet) for t in tokens])
     per_layer_bytes = g.non_expert_bytes / max(g.num_layers, 1)
     flops_per_token = 2 * per_layer_bytes / g.bytes_per_param
