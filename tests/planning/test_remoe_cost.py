@@ -19,7 +19,7 @@ from moeserve.planning.cost import (
     memory_problem,
     remote_terms,
 )
-from moeserve.planning.inputs import GIB, MIB, PlanHardware, LinearLatency, PlanModel, RequestShape
+from moeserve.planning.inputs import GIB, MIB, LinearLatency, PlanHardware, PlanModel, RequestShape
 from moeserve.planning.pricing import CpuFunctionPricing, GpuFunctionPricing, Pricing
 
 CPU = CpuFunctionPricing(1e-5, 1e-7, 128, 10240, 1, 1769, 1 << 30, 0.0, "test")

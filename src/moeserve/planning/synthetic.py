@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moeserve.planning.inputs import GIB, PlanHardware, LinearLatency, PlanModel
+from moeserve.planning.inputs import GIB, LinearLatency, PlanHardware, PlanModel
 
 
 @dataclass(frozen=True)
