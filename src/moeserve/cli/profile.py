@@ -37,7 +37,6 @@ def profile_cmd(
     """
     import torch
 
-    from moeserve.models.geometry import geometry_of
     from moeserve.models.loading import load_model, load_tokenizer, resolve_device
     from moeserve.traces.profile import build_trace
     from moeserve.traces.stats import trace_stats
@@ -46,7 +45,9 @@ def profile_cmd(
         raise MoeServeError("nothing to do: give --prompts to capture a trace and/or --hardware")
     from moeserve.models.geometry import inspect_model
 
-    inspect_model(model, trust_remote_code=trust_remote_code)  # cheap: refuses dense models before any work
+    # cheap: refuses dense models before any work; the checkpoint's geometry (bytes at its dtype) is what
+    # the trace records, the same as `moeserve inspect`, whatever dtype the weights run in here
+    geometry = inspect_model(model, trust_remote_code=trust_remote_code)
     dev = resolve_device(device)
     summary: dict = {"model": model, "device": str(dev)}
     loaded = None
@@ -56,7 +57,6 @@ def profile_cmd(
         prompt_list = load_prompts(prompts, max_prompts=max_prompts, seed=seed)
         tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
         loaded = load_model(model, device=dev, trust_remote_code=trust_remote_code)
-        geometry = geometry_of(loaded)
         torch.manual_seed(seed)
         with progress(disable=json_out) as bar:
             task = bar.add_task("profiling", total=len(prompt_list), status="")
@@ -80,7 +80,7 @@ def profile_cmd(
 
         if loaded is None:
             loaded = load_model(model, device=dev, trust_remote_code=trust_remote_code)
-        g = geometry_of(loaded)
+        g = geometry
         with progress(disable=json_out) as bar:
             task = bar.add_task("hardware", total=None, status="")
 

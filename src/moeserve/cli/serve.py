@@ -35,7 +35,9 @@ def is_loopback(host: str) -> bool:
 @app.command("serve")
 def serve_cmd(
     model: str = typer.Argument("demo", help="A local Hugging Face MoE model directory, or 'demo'."),
-    plan: str = typer.Option(None, "--plan", help="A plan (plan.yaml) whose expert placement to execute."),
+    plan: str = typer.Option(None, "--plan", help="A plan (plan.yaml) whose expert placement to execute "
+                             "(default: a Remoe plan made on the spot when a hardware profile matches the model)."),
+    all_local: bool = typer.Option(False, "--all-local", help="No plan: every expert in the main process."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port (0: any free port, printed at start)."),
     api_key: str = typer.Option(None, "--api-key", envvar="MOESERVE_API_KEY",
@@ -69,6 +71,18 @@ def serve_cmd(
         torch.set_num_threads(threads)
     if not is_loopback(host) and not api_key:
         console.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach it can use it")
+    if plan is None and not all_local:
+        import tempfile
+        from pathlib import Path
+
+        from moeserve.serving.spot_plan import plan_on_the_spot
+
+        made = plan_on_the_spot(model, Path(tempfile.mkdtemp(prefix="moeserve-spot-")))
+        if made is None:
+            logging.getLogger("moeserve").info(
+                "no hardware profile matches this model: all experts local (make a plan with `moeserve profile "
+                "MODEL --hardware` and `moeserve plan`)")
+        plan = str(made) if made else None
     engine = Engine.from_model_dir(model, plan=plan, device=device, pricing=pricing, max_batch=max_batch,
                                    max_queue=max_queue)
     serve(engine, host=host, port=port, api_key=api_key, default_max_tokens=max_tokens,

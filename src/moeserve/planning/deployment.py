@@ -106,8 +106,10 @@ def plan_remoe_from_trace(
     else:
         share = arrays["prefill"][hist].mean(axis=0)
         decode = arrays["decode"][hist].mean(axis=0)
+    # the conformal bound needs at least 1/delta recorded prompts; with fewer, the analytic bound is used
+    enough = int(hist.sum()) >= int(np.ceil(1 / slo.delta))
     history = RoutingHistory.from_trace(arrays["prefill"][hist], arrays["prompt_tokens"][hist]) \
-        if history_bound and prompt_vector is None else None
+        if history_bound and prompt_vector is None and enough else None
     rp = plan_remoe(cost_model, share, decode, request, slo, history=history)
     plan = to_plan(rp, geometry, str(trace.meta.model), cost_model.pricing.cpu.mb_per_vcpu,
                    inputs | {"trace": str(trace_path), "trace_sha256": file_sha256(trace_path),
