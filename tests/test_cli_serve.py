@@ -143,3 +143,18 @@ def test_fifo_replay_adds_the_wait_of_a_one_at_a_time_server():
     assert [round(r.ttft_s, 6) for r in results] == [0.2, 1.1, 1.8, 0.2]
     assert [round(r.e2e_s, 6) for r in results] == [2.0, 2.0, 2.0, 1.0]
     assert wall == 11.0
+
+
+def test_serve_json_announces_the_bound_url(tiny_model_dirs):
+    """--json prints one line when ready; with --port 0 it is how a script learns the port."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ENTRY, "serve", str(tiny_model_dirs["qwen3_moe"]), "--port", "0", "--json",
+         "--all-local", "--threads", "1", "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        announced = json.loads(proc.stdout.readline())
+        assert announced["url"].startswith("http://127.0.0.1:") and announced["functions"] == 0
+        assert httpx.get(announced["url"] + "/health", timeout=30).json() == {"status": "ok"}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0

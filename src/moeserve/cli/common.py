@@ -26,6 +26,12 @@ def emit_json(payload: Any) -> None:
     sys.stdout.flush()
 
 
+def emit_json_line(payload: Any) -> None:
+    """Print one compact JSON object on one line of stdout (for line-reading scripts)."""
+    sys.stdout.write(json.dumps(payload, default=_json_default) + "\n")
+    sys.stdout.flush()
+
+
 def _json_default(obj: Any) -> Any:
     import numpy as np
 

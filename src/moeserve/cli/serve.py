@@ -52,6 +52,8 @@ def serve_cmd(
                                      "(one CPU and one GPU offering, e.g. aws-lambda-x86,paper-gpu-3x)."),
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads for torch (0: torch's default)."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+    json_out: bool = typer.Option(False, "--json", help="When ready, print one JSON line on stdout: url, model, "
+                                  "plan, expert functions (for scripts; with --port 0 it gives the port)."),
 ) -> None:
     """Serve a MoE model over an OpenAI-compatible HTTP API with continuous batching.
 
@@ -85,5 +87,12 @@ def serve_cmd(
         plan = str(made) if made else None
     engine = Engine.from_model_dir(model, plan=plan, device=device, pricing=pricing, max_batch=max_batch,
                                    max_queue=max_queue)
+    def announce(url: str) -> None:
+        if json_out:
+            from moeserve.cli.common import emit_json_line
+
+            emit_json_line({"url": url, "model": model, "plan": plan, "functions": len(engine.pool.placement.functions)
+                            if getattr(engine, "pool", None) is not None else 0})
+
     serve(engine, host=host, port=port, api_key=api_key, default_max_tokens=max_tokens,
-          log_level="warning" if log_level.lower() != "debug" else "info")
+          log_level="warning" if log_level.lower() != "debug" else "info", on_bound=announce)

@@ -345,11 +345,16 @@ def _server(app: FastAPI, log_level: str = "warning", graceful_timeout_s: float 
 
 
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          default_max_tokens: int = 16, log_level: str = "warning") -> None:
-    """Serve until SIGINT/SIGTERM, then drain accepted requests and stop the engine and its pool."""
+          default_max_tokens: int = 16, log_level: str = "warning", on_bound=None) -> None:
+    """Serve until SIGINT/SIGTERM, then drain accepted requests and stop the engine and its pool.
+
+    on_bound(url) is called once the listening socket is bound (connections queue from then on)."""
     sock = bind(host, port)
     server = _server(create_app(engine, api_key, default_max_tokens), log_level)
-    log.info("serving %s on http://%s:%d", engine.model_name, host, sock.getsockname()[1])
+    url = f"http://{host}:{sock.getsockname()[1]}"
+    log.info("serving %s on %s", engine.model_name, url)
+    if on_bound is not None:
+        on_bound(url)
     try:
         asyncio.run(server.serve(sockets=[sock]))
     finally:
