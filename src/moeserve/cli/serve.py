@@ -52,6 +52,8 @@ def serve_cmd(
                                      "(one CPU and one GPU offering, e.g. aws-lambda-x86,paper-gpu-3x)."),
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads for torch (0: torch's default)."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+    sps_trace: str = typer.Option(None, "--sps-trace", help="A trace of this model: at each request's arrival "
+                                  "SPS predicts its experts and their functions are pre-warmed (Remoe)."),
     json_out: bool = typer.Option(False, "--json", help="When ready, print one JSON line on stdout: url, model, "
                                   "plan, expert functions (for scripts; with --port 0 it gives the port)."),
 ) -> None:
@@ -87,6 +89,11 @@ def serve_cmd(
         plan = str(made) if made else None
     engine = Engine.from_model_dir(model, plan=plan, device=device, pricing=pricing, max_batch=max_batch,
                                    max_queue=max_queue)
+    if sps_trace:
+        from moeserve.serving.prewarm import prewarmer_from_trace
+
+        engine.on_arrival = prewarmer_from_trace(sps_trace, model, engine)
+
     def announce(url: str) -> None:
         if json_out:
             from moeserve.cli.common import emit_json_line
