@@ -54,6 +54,9 @@ def serve_cmd(
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
     sps_trace: str = typer.Option(None, "--sps-trace", help="A trace of this model: at each request's arrival "
                                   "SPS predicts its experts and their functions are pre-warmed (Remoe)."),
+    replica_scaling: bool = typer.Option(False, "--replica-scaling", help="MoEless: add replicas of straggler "
+                                         "remote experts while serving and retire them when load falls."),
+    scaling_window: float = typer.Option(10.0, "--scaling-window", min=0.1, help="Seconds of routing per decision."),
     json_out: bool = typer.Option(False, "--json", help="When ready, print one JSON line on stdout: url, model, "
                                   "plan, expert functions (for scripts; with --port 0 it gives the port)."),
 ) -> None:
@@ -94,6 +97,13 @@ def serve_cmd(
 
         engine.on_arrival = prewarmer_from_trace(sps_trace, model, engine)
 
+    scaler = None
+    if replica_scaling and engine.pool is not None and engine.dispatch is not None:
+        from moeserve.serving.replica_scaling import ReplicaScaler
+
+        scaler = ReplicaScaler(engine.dispatch, engine.pool, window_s=scaling_window).start()
+        engine.add_routing_listener(scaler.observe)
+
     def announce(url: str) -> None:
         if json_out:
             from moeserve.cli.common import emit_json_line
@@ -101,5 +111,9 @@ def serve_cmd(
             emit_json_line({"url": url, "model": model, "plan": plan, "functions": len(engine.pool.placement.functions)
                             if getattr(engine, "pool", None) is not None else 0})
 
-    serve(engine, host=host, port=port, api_key=api_key, default_max_tokens=max_tokens,
-          log_level="warning" if log_level.lower() != "debug" else "info", on_bound=announce)
+    try:
+        serve(engine, host=host, port=port, api_key=api_key, default_max_tokens=max_tokens,
+              log_level="warning" if log_level.lower() != "debug" else "info", on_bound=announce)
+    finally:
+        if scaler is not None:
+            scaler.stop()
