@@ -6,13 +6,14 @@ Every run carries its own baseline: plain `generate` on the same model, prompt a
 per token is (time for N new tokens - time for 1 new token) / (N - 1), so prefill is excluded; the
 median over interleaved repeats is reported. "half-remote" puts experts [E/2, E) of every MoE layer in one expert
 function per layer (separate processes, 1 thread each); the per-layer transport overhead comes from
-the dispatch's own counters (see `moeserve.serving.dispatch.LayerStats`).
+the dispatch's own counters (see `moeserve.experts.dispatch.LayerStats`).
 Without the demo model (src/moeserve/assets/demo) a random Qwen3-MoE of the demo's shape is used.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import tempfile
@@ -21,11 +22,15 @@ from pathlib import Path
 
 import torch
 
+from moeserve.engine.model_runner import ModelRunner
+from moeserve.engine.sampling import SamplingParams
+from moeserve.engine.sequence import Sequence
+from moeserve.experts.dispatch import install_dispatch
+from moeserve.experts.process_backend import ProcessBackend
+from moeserve.hardware.transport import measure_transport
 from moeserve.models.adapter import require_moe_layers
 from moeserve.models.loading import DEMO_MODEL_DIR, load_model
-from moeserve.serving.dispatch import install_dispatch
-from moeserve.serving.expert_pool import ExpertPool
-from moeserve.serving.placement import ExpertPlacement, FunctionSpec
+from moeserve.plan.placement import ExpertFunction, ExpertPlacement
 
 
 def stand_in_model(path: Path) -> Path:
@@ -48,7 +53,8 @@ def released_memory(model_dir: Path, placement: ExpertPlacement) -> dict:
 
     import psutil
 
-    no_pool = SimpleNamespace(model_dir=str(model_dir), functions={f.id: None for f in placement.functions})
+    specs = {f.id: f for f in placement.functions}
+    no_pool = SimpleNamespace(model_dir=str(model_dir), functions=dict.fromkeys(specs), specs=lambda: specs)
 
     model = load_model(model_dir)
     layers = require_moe_layers(model)
@@ -73,6 +79,31 @@ def decode_s_per_token(model, prompt: torch.Tensor, new_tokens: int) -> tuple[fl
     t_one, _ = run(1)
     t_all, out = run(new_tokens)
     return (t_all - t_one) / (new_tokens - 1), out
+
+
+def engine_s_per_token(model, handle, prompt: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
+    """The engine's own path (ModelRunner: prefill, then decode steps at batch 1), greedy, measured like
+    `decode_s_per_token`: (seconds per decode step, the ids [1, P + new_tokens])."""
+    def run(n: int) -> tuple[float, list[int]]:
+        runner = ModelRunner(model, handle.recorder)
+        seq = Sequence(prompt[0].tolist(), SamplingParams(max_tokens=n, temperature=0.0))
+        t0 = time.perf_counter()
+        if "seqs" in inspect.signature(runner.prefill).parameters:  # batched prefill
+            (token,), _, _ = runner.prefill([seq])
+            seq.generated.append(token)
+            runner.join([seq])
+        else:  # an engine that prefills one sequence at a time (to compare with older trees)
+            token, _, _ = runner.prefill(seq)
+            seq.generated.append(token)
+            runner.join(seq)
+        for _ in range(n - 1):
+            (token,), _, _ = runner.decode()
+            seq.generated.append(token)
+        return time.perf_counter() - t0, seq.generated
+
+    t_one, _ = run(1)
+    t_all, tokens = run(new_tokens)
+    return (t_all - t_one) / (new_tokens - 1), torch.cat([prompt, torch.tensor([tokens])], dim=1)
 
 
 def main() -> None:
@@ -103,16 +134,21 @@ def main() -> None:
     half = num_experts // 2
     half_remote = ExpertPlacement(
         {la.index: tuple(range(half)) for la in layers},
-        tuple(FunctionSpec(f"layer{la.index}", la.index, tuple(range(half, num_experts))) for la in layers))
-    samples: dict[str, list[float]] = {"hf": [], "all_local": [], "half_remote": []}
+        tuple(ExpertFunction(f"layer{la.index}", la.index, tuple(range(half, num_experts))) for la in layers))
+    samples: dict[str, list[float]] = {"hf": [], "all_local": [], "engine": [], "half_remote": [],
+                                       "engine_half_remote": []}
     outputs: dict[str, torch.Tensor] = {}
     totals: dict[int, dict] = {}
-    with torch.inference_mode(), ExpertPool.from_model(model, str(model_dir), half_remote) as pool:
+    with torch.inference_mode(), ProcessBackend.from_model(model, str(model_dir), half_remote) as pool:
         # interleaved repeats (hf, all-local, half-remote, hf, ...) so that drifting load hits all three alike
         for repeat in range(args.repeats + 1):  # repeat 0 warms up
-            for name, placement in (("hf", None), ("all_local", all_local), ("half_remote", half_remote)):
+            for name, placement in (("hf", None), ("all_local", all_local), ("engine", all_local),
+                                    ("half_remote", half_remote), ("engine_half_remote", half_remote)):
                 handle = None if placement is None else install_dispatch(model, placement, pool)
-                s_per_token, outputs[name] = decode_s_per_token(model, prompt, args.new_tokens)
+                if name.startswith("engine"):
+                    s_per_token, outputs[name] = engine_s_per_token(model, handle, prompt, args.new_tokens)
+                else:
+                    s_per_token, outputs[name] = decode_s_per_token(model, prompt, args.new_tokens)
                 if repeat:
                     samples[name].append(s_per_token)
                     for layer, st in (handle.stats() if handle else {}).items():
@@ -126,9 +162,11 @@ def main() -> None:
     for name, values in samples.items():
         report[f"{name}_ms_per_token"] = 1e3 * statistics.median(values)
         report[f"{name}_ms_per_token_samples"] = [1e3 * v for v in values]
-    report["all_local_same_tokens"] = bool(torch.equal(outputs["all_local"], outputs["hf"]))
-    report["half_remote_same_tokens"] = bool(torch.equal(outputs["half_remote"], outputs["hf"]))
-    report["half_remote_vs_hf"] = report["half_remote_ms_per_token"] / report["hf_ms_per_token"]
+    for name in samples:
+        if name != "hf":
+            report[f"{name}_same_tokens"] = bool(torch.equal(outputs[name], outputs["hf"]))
+            report[f"{name}_vs_hf"] = report[f"{name}_ms_per_token"] / report["hf_ms_per_token"]
+    report["engine_half_remote_vs_engine"] = report["engine_half_remote_ms_per_token"] / report["engine_ms_per_token"]
     report["per_layer"] = {
         str(i): {"calls": s["calls"], **{k: 1e6 * s[k] / max(1, s["calls"]) for k in
                  ("plan_s", "send_s", "local_s", "wait_s", "gather_s", "remote_compute_s", "wall_s", "overhead_s")}}
@@ -139,11 +177,16 @@ def main() -> None:
     report["function_rss_mb"] = {fid: f["rss_bytes"] / 2**20 for fid, f in metrics["functions"].items()}
     report["function_uss_mb"] = {fid: b / 2**20 for fid, b in uss.items()}
     report.update(released_memory(model_dir, half_remote))
+    row_bytes = layers[0].hidden_size * layers[0].experts.down_proj.element_size()
+    floor = measure_transport([row_bytes, 8 * row_bytes], repeats=200)
+    report["shm_round_trip_us"] = {str(n): 1e6 * t for n, t in zip(floor.nbytes, floor.seconds, strict=True)}
 
-    print(f"decode ms/token at batch 1 ({args.threads} threads): hf generate {report['hf_ms_per_token']:.2f}, "
-          f"all-local {report['all_local_ms_per_token']:.2f}, half-remote {report['half_remote_ms_per_token']:.2f} "
-          f"({report['half_remote_vs_hf']:.2f}x); same tokens: {report['all_local_same_tokens']}, "
-          f"{report['half_remote_same_tokens']}")
+    print(f"decode ms/token at batch 1 ({args.threads} threads), median of {args.repeats} interleaved repeats:")
+    print(f"  generate {report['hf_ms_per_token']:.2f}")
+    for name in list(samples)[1:]:
+        print(f"  {name:<19} {report[f'{name}_ms_per_token']:6.2f}  ({report[f'{name}_vs_hf']:.2f}x generate; "
+              f"same tokens: {report[f'{name}_same_tokens']})")
+    print(f"  engine half-remote / engine all-local: {report['engine_half_remote_vs_engine']:.2f}x")
     print(f"remote call (send -> result) {report['remote_call_us']['latency']:.0f} us, of which the function computed "
           f"{report['remote_call_us']['compute']:.0f} us")
     print("per layer call, microseconds (mean over decode+prefill calls):")
@@ -151,6 +194,8 @@ def main() -> None:
     for i, s in report["per_layer"].items():
         print(f"{i:>5} {s['plan_s']:5.0f} {s['send_s']:5.0f} {s['local_s']:6.0f} {s['wait_s']:5.0f} "
               f"{s['gather_s']:7.0f} {s['remote_compute_s']:15.0f} {s['wall_s']:5.0f} {s['overhead_s']:9.0f}")
+    print("floor: shared-memory round trip to an echo process (hardware/transport.py), us: "
+          + ", ".join(f"{n} B {t:.0f}" for n, t in report["shm_round_trip_us"].items()))
     print(f"main-process RSS drop when the remote experts' weights are released: {report['main_rss_drop_mb']:.1f} MB "
           f"(their bytes: {report['remote_expert_mb']:.1f} MB); function RSS "
           f"{statistics.mean(report['function_rss_mb'].values()):.0f} MB, USS "

@@ -2,7 +2,7 @@
 
     python scripts/bench_sps.py [--dim 1024] [--sizes 1000 10000 100000] [--queries 200]
 
-Synthetic prompt vectors from 16 domains x 32 topics (planning/synthetic.py). Recall is the share of
+Synthetic prompt vectors from 16 domains x 32 topics (remoe/synthetic.py). Recall is the share of
 the exact top-alpha found; "sim" is the mean cosine of the returned alpha over that of the exact alpha
 (near-ties make recall pessimistic). Wall and CPU seconds: the machine may be shared.
 """
@@ -19,8 +19,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 
-from moeserve.planning.sps import build_sps_tree, recall, search_brute_force, search_tree
-from moeserve.planning.synthetic import clustered_prompt_vectors
+from moeserve.remoe.sps import build_sps_tree, recall, search_brute_force, search_tree
+from moeserve.remoe.synthetic import clustered_prompt_vectors
 
 
 def main() -> None:

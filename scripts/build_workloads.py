@@ -21,7 +21,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from moeserve.atomic import atomic_path
+from moeserve.atomic import atomic_file
 from moeserve.workloads.builtin import DATA_DIR
 from moeserve.workloads.subset import seeded_pick
 
@@ -234,7 +234,7 @@ def sources_markdown(parts: dict[str, list[Part]], counts: dict[str, int]) -> st
 
 
 def write_utf8(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_file(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 

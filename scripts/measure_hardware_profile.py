@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from moeserve.hardware import save_profile
+
 REPO = Path(__file__).resolve().parent.parent
 PROFILES = REPO / "profiles" / "hardware"
 DEMO_HIDDEN, DEMO_EXPERT_INTERMEDIATE = 192, 96
@@ -34,7 +36,7 @@ def _write_references(hidden: int, intermediate: int) -> None:
 
     for name in REFERENCE_HOSTS:
         path = PROFILES / f"{name}.yaml"
-        reference_profile(name, hidden, intermediate).save(path)
+        save_profile(reference_profile(name, hidden, intermediate), path)
         print(f"wrote {path}", file=sys.stderr)
 
 
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                f"(demo expert geometry: hidden {args.hidden_size}, intermediate {args.intermediate_size})",
     )
     out = args.out or PROFILES / f"{profile.name}.yaml"
-    profile.save(out)
+    save_profile(profile, out)
     print(f"wrote {out} in {time.time() - started:.0f} s", file=sys.stderr)
     return 0
 

@@ -10,7 +10,7 @@ from moeserve.models.adapter import moe_layers
 from moeserve.models.routing import select_experts
 from moeserve.traces.capture import RoutingCapture
 from moeserve.traces.format import DECODE, PREFILL
-from moeserve.traces.profile import generate_with_routing
+from moeserve.traces.record import generate_with_routing
 from tiny_models import tiny_model
 
 

@@ -98,6 +98,10 @@ def test_serve_bad_input_exits_2(tmp_path, tiny_model_dirs):
     assert r.code == 2 and "dense model" in r.err
     r = run_cli("serve", str(tiny_model_dirs["qwen3_moe"]), "--device", "tpu")
     assert r.code == 2 and "unknown device" in r.err
+    r = run_cli("serve", str(tiny_model_dirs["qwen3_moe"]), "--backend", "k8s")
+    assert r.code == 2 and "--backend" in r.err and "process, ray" in r.err
+    r = run_cli("serve", str(tiny_model_dirs["qwen3_moe"]), "--ray-address", "auto")
+    assert r.code == 2 and "--ray-address needs --backend ray" in r.err
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
@@ -130,6 +134,42 @@ def test_bench_replays_and_runs_the_hf_baseline(tmp_path, tiny_model_dirs):
         assert s["ttft_s"]["p50"] > 0 and s["ttft_s"]["p50"] <= s["ttft_s"]["p90"] <= s["ttft_s"]["p99"]
         assert s["output_tokens_per_s"] > 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_calibrates_and_cuts_what_runs_past_its_duration(loaded):
+    """The automatic rate is what the server sustained in a closed loop (x LOAD_FRACTION), and requests still
+    running GRACE_S after the last arrival are cut instead of holding the run for minutes."""
+    import asyncio
+
+    from moeserve.engine.config import EngineConfig
+    from moeserve.engine.engine import Engine
+    from moeserve.serving import bench
+    from moeserve.serving.api import ServerConfig
+    from moeserve.serving.server import BackgroundServer
+
+    model, tok = loaded("qwen3_moe")
+    engine = Engine(model, tok, EngineConfig(max_batch=2))
+    with BackgroundServer(engine, ServerConfig()) as server:
+        sample = [bench.BenchRequest(0.0, "the quick brown fox", 8)] * 64
+        rate, sustained = bench.calibrate_rate(server.url, sample, 2)
+        assert rate == pytest.approx(bench.LOAD_FRACTION * sustained) and sustained > 0
+        original = engine.step
+
+        def slow_step():
+            time.sleep(0.5)
+            original()
+
+        engine.step = slow_step  # every request now takes > 10 s
+        try:
+            long = [bench.BenchRequest(0.1 * i, "the quick brown fox", 60) for i in range(3)]
+            results, wall = asyncio.run(bench.replay(server.url, long, duration_s=1.0, grace_s=2.0))
+        finally:
+            engine.step = original
+    engine.shutdown(drain=False)
+    assert wall < 1.0 + 2.0 + 5.0  # the deadline, not the requests' 30 s of work
+    assert [r.error for r in results] == ["unfinished at the deadline"] * 3
+    summary = bench.summarize("t", results, wall)
+    assert (summary.errors, summary.cut, summary.rejected) == (3, 3, 0)
 
 
 def test_fifo_replay_adds_the_wait_of_a_one_at_a_time_server():

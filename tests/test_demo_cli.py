@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -42,19 +43,21 @@ def test_profile_demo_mtbench(tmp_path):
     s = json.loads(r.out)
     trace = ExpertTrace.open(out)
     assert s["requests"] == trace.num_requests == 8
-    assert trace.meta.num_layers == 4 and trace["expert_ids"].dtype == np.uint8
+    assert trace.meta.num_moe_layers == 4 and trace["expert_ids"].dtype == np.uint8
     assert 0 < s["decode_tokens"] <= 8 * 15
     assert len(set(trace.meta.domains)) == 8  # one prompt per MT-Bench category
 
 
 def test_serve_plans_on_the_spot_for_the_demo(tmp_path, tiny_model_dirs):
-    from moeserve.plan_format import load_plan
-    from moeserve.serving.spot_plan import plan_on_the_spot
+    import tempfile
 
-    path = plan_on_the_spot("demo", tmp_path, max_prompts=8, gen_tokens=4)
-    plan = load_plan(path)  # validates: every expert runs somewhere
+    from moeserve.planner import plan_on_the_spot
+
+    spot_dirs = set(pathlib.Path(tempfile.gettempdir()).glob("moeserve-spot-*"))
+    plan = plan_on_the_spot("demo", max_prompts=8, gen_tokens=4)
+    plan.expert_placement()  # validates: every expert runs somewhere
+    assert set(pathlib.Path(tempfile.gettempdir()).glob("moeserve-spot-*")) == spot_dirs  # nothing left behind
     assert plan.strategy == "remoe" and plan.inputs["made"] == "on the spot" and plan.inputs["hardware"] == "cpu-2core"
     assert plan.predicted["meets_slo"]
     # no shipped profile was measured for a tiny model's expert shape: no plan, the engine serves all-local
-    assert plan_on_the_spot(tiny_model_dirs["qwen3_moe"], tmp_path / "tiny") is None
-    assert not (tmp_path / "tiny").exists()
+    assert plan_on_the_spot(tiny_model_dirs["qwen3_moe"]) is None

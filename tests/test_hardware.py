@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+import time
 
 import numpy as np
 import psutil
@@ -13,12 +14,19 @@ import torch
 import yaml
 
 from moeserve.errors import MoeServeError
-from moeserve.hardware import available_hardware_profiles, fit_curve, load_hardware_profile
+from moeserve.hardware import available_hardware_profiles, fit_curve, load_hardware_profile, save_profile
 from moeserve.hardware.copy_bandwidth import latency_and_bandwidth
 from moeserve.hardware.expert import expert_weights, measure_expert_latency, swiglu_expert
 from moeserve.hardware.fit import isotonic_increasing, piecewise_eval
 from moeserve.hardware.machine import cpu_model
-from moeserve.hardware.measure import default_thread_counts, measure_hardware
+from moeserve.hardware.measure import (
+    CpuTimes,
+    cpu_time_snapshot,
+    default_thread_counts,
+    measure_hardware,
+    measurement_conditions,
+    other_cpus,
+)
 from moeserve.hardware.nonexpert import null_experts
 from moeserve.hardware.reference import (
     A100_SXM4_80GB,
@@ -125,10 +133,10 @@ def _synthetic_profile(name="synthetic") -> HardwareProfile:
 def test_schema_round_trip(tmp_path):
     profile = _synthetic_profile()
     path = tmp_path / "p.yaml"
-    profile.save(path)
+    save_profile(profile, path)
     assert load_hardware_profile(path) == profile
     ref = reference_profile("h100-sxm", 192, 96)
-    ref.save(tmp_path / "ref.yaml")
+    save_profile(ref, tmp_path / "ref.yaml")
     assert load_hardware_profile(tmp_path / "ref.yaml") == ref
     assert [p.name for p in tmp_path.iterdir()] and not list(tmp_path.glob(".*.tmp"))  # atomic: no leftovers
 
@@ -244,7 +252,8 @@ def test_swiglu_expert_matches_its_definition():
 def test_expert_latency_grows_with_tokens():
     before = torch.get_num_threads()
     one, many = measure_expert_latency(128, 256, [1, 256], threads=1, repeats=5, warmup=1)
-    assert 0 < one < many
+    assert 0 < one.best_s < many.best_s
+    assert one.best_s <= one.median_s <= one.p90_s
     assert torch.get_num_threads() == before
 
 
@@ -293,6 +302,72 @@ def test_measure_hardware_on_a_tiny_model():
     assert p.memory.process_rss_bytes > 0
     assert model.get_experts_implementation() == {"": "grouped_mm"}
     assert p.copy == () or torch.cuda.is_available()
+
+
+def test_measurement_conditions_flag_load_and_spread():
+    from moeserve.hardware.measure import measurement_conditions
+
+    quiet = measurement_conditions(2, 1, 0.3, 1.2, [0.02, 0.05, 0.1])
+    assert not quiet.unreliable and quiet.reasons == ()
+    loaded = measurement_conditions(2, 2, 3.1, 4.0, [0.05])  # a job on both CPUs before we started
+    assert loaded.unreliable and "loaded by other work" in loaded.reasons[0]
+    noisy = measurement_conditions(8, 2, 0.0, 0.0, [0.9, 1.4, 0.2])
+    assert noisy.unreliable and "spread" in noisy.reasons[0] and noisy.max_spread == 1.4
+
+
+def _spin(stop):
+    while not stop.is_set():
+        pass
+
+
+def test_a_profile_measured_beside_another_job_is_flagged():
+    """The same measurement twice: alone, then with two processes spinning on the machine's CPUs. The second
+    is flagged unreliable (other processes' CPU time, or its repeats spread), whatever the first says about how quiet this machine is."""
+    kwargs = dict(thread_counts=[1], token_counts=[16, 64, 128], repeats=15, name="t",
+                  measure_transport_round_trip=False)
+    alone = measure_hardware(64, 256, **kwargs)
+    stop = multiprocessing.get_context("spawn").Event()
+    hogs = [multiprocessing.get_context("spawn").Process(target=_spin, args=(stop,)) for _ in range(os.cpu_count() or 2)]
+    for h in hogs:
+        h.start()
+    try:
+        busy = measure_hardware(64, 256, **kwargs)
+    finally:
+        stop.set()
+        for h in hogs:
+            h.join(10)
+    assert busy.conditions.unreliable, busy.conditions
+    if busy.conditions.other_cpus is not None:  # a direct reading: the spinning processes' CPU time
+        assert busy.conditions.other_cpus > max(0.5, alone.conditions.other_cpus), (alone.conditions, busy.conditions)
+    assert all(len(c.spread) == len(c.tokens) for c in busy.expert.curves)
+
+
+def test_other_processes_cpu_time_is_the_machine_s_minus_our_own():
+    before, after = CpuTimes(10.0, 100.0, 5.0), CpuTimes(12.0, 104.0, 6.0)
+    assert other_cpus(before, after) == pytest.approx(1.5)  # 4 s busy, 1 s ours, over 2 s
+    assert other_cpus(before, CpuTimes(12.0, None, 6.0)) is None
+    quiet = measurement_conditions(2, 1, 0.1, 0.9, [0.01], other_cpus=0.1)
+    loaded = measurement_conditions(2, 1, 0.1, 0.9, [0.01], other_cpus=1.6)
+    assert not quiet.unreliable and loaded.unreliable and "other processes" in loaded.reasons[0]
+    # a load average still high from our own capture a minute ago: the direct reading says the machine is quiet
+    after_capture = measurement_conditions(2, 2, 1.9, 2.1, [0.01], other_cpus=0.05)
+    assert not after_capture.unreliable, after_capture.reasons
+
+
+def _spin_for(seconds):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def test_a_finished_child_s_cpu_time_is_our_own():
+    """The transport measurement spawns an echo peer: its CPU time is the measurement's, not other work."""
+    before = cpu_time_snapshot()
+    child = multiprocessing.get_context("spawn").Process(target=_spin_for, args=(0.5,))
+    child.start()
+    child.join(30)
+    after = cpu_time_snapshot()
+    assert after.own_s - before.own_s >= 0.4
 
 
 def test_measure_hardware_rejects_bad_input():

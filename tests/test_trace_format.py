@@ -15,7 +15,7 @@ def make_trace(num_experts=32, layers=3, top_k=4, lengths=(5, 7, 3), seed=0, pro
                     for _ in range(t)])
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     phase = np.concatenate([[0] * (n - min(2, n - 1)) + [1] * min(2, n - 1) for n in lengths])
-    meta = TraceMeta(num_layers=layers, num_experts=num_experts, top_k=top_k, moe_layer_indices=list(range(layers)),
+    meta = TraceMeta(num_moe_layers=layers, num_experts=num_experts, top_k=top_k, moe_layer_indices=list(range(layers)),
                      prompt_ids=[f"p{i}" for i in range(len(lengths))], domains=["a", "b", None])
     acts = np.stack([activation_matrix(ids[offsets[r]:offsets[r + 1]], num_experts) for r in range(len(lengths))])
     return ExpertTrace.from_arrays(
@@ -38,6 +38,23 @@ def test_round_trip_same_arrays(tmp_path):
     assert back["expert_ids"].dtype == np.uint8
     assert back.num_requests == 3 and back.num_tokens == 15
     assert back.request_slice(1) == slice(5, 12)
+
+
+def test_a_trace_written_before_0_2_still_opens(tmp_path):
+    """Older traces name the MoE-layer count `num_layers` (ModelGeometry.num_layers counts every layer)."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    trace = make_trace()
+    path = trace.save(tmp_path / "new.trace")
+    old = ExpertTrace.open(path)
+    header = json.loads(json.dumps(vars(old.meta)))
+    header["num_layers"] = header.pop("num_moe_layers")
+    tensors = {name: old[name] for name in header["crc32"]}
+    save_file(tensors, str(tmp_path / "old.trace"), metadata={"moeserve": json.dumps(header)})
+    back = ExpertTrace.open(tmp_path / "old.trace")
+    assert back.meta.num_moe_layers == 3 and np.array_equal(back["expert_ids"], trace["expert_ids"])
 
 
 def test_many_experts_use_int16(tmp_path):
@@ -75,12 +92,12 @@ def test_not_a_trace(tmp_path):
 
 
 def test_failed_save_leaves_no_file(tmp_path, monkeypatch):
-    import safetensors.numpy
+    import moeserve.traces.format
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(safetensors.numpy, "save_file", boom)
+    monkeypatch.setattr(moeserve.traces.format, "save_file", boom)
     with pytest.raises(RuntimeError):
         make_trace().save(tmp_path / "t")
     assert list(tmp_path.iterdir()) == []

@@ -38,7 +38,7 @@ from demo_paths import (
 )
 from token_data import DomainStream, build_streams, encode_chunks, load_raw_tokenizer
 
-from moeserve.atomic import atomic_path, write_text_atomic
+from moeserve.atomic import atomic_dir, atomic_file, write_text_atomic
 
 STATE_PATH = RUN_DIR / "train_state.pt"
 STEP_TIME_JSON = RUN_DIR / "step_time.json"
@@ -143,7 +143,7 @@ def save_checkpoint(model: tf.Qwen3MoeForCausalLM, target: Path) -> dict:
         bos_token_id=model.config.bos_token_id, eos_token_id=model.config.eos_token_id,
         pad_token_id=model.config.pad_token_id, do_sample=False,
     )
-    with atomic_path(RUN_DIR / "checkpoint_out") as tmp:
+    with atomic_dir(RUN_DIR / "checkpoint_out", "config.json", force=True) as tmp:
         model.save_pretrained(tmp)
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(TOKENIZER_WORK_DIR / name, tmp / name)
@@ -236,7 +236,7 @@ def main() -> None:
             log["heldout_curve"].append({"step": done, **{d: round(v, 4) for d, v in losses.items()}})
             print("heldout", log["heldout_curve"][-1], flush=True)
         if done % args.save_every == 0 and done < args.steps:
-            with atomic_path(STATE_PATH) as tmp:
+            with atomic_file(STATE_PATH) as tmp:
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
                             "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "log": log,
                             "elapsed_s": time.time() - train_started}, tmp)

@@ -27,7 +27,7 @@ from demo_paths import (
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from moeserve.atomic import atomic_path
+from moeserve.atomic import atomic_dir
 
 
 def training_texts() -> Iterator[str]:
@@ -62,7 +62,7 @@ def main() -> None:
         tokenizer_object=tokenizer, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
         model_max_length=1024, clean_up_tokenization_spaces=False,
     )
-    with atomic_path(TOKENIZER_WORK_DIR) as tmp:
+    with atomic_dir(TOKENIZER_WORK_DIR, "tokenizer.json", force=True) as tmp:
         fast.save_pretrained(tmp)
         config_path = tmp / "tokenizer_config.json"
         config = json.loads(config_path.read_text())

@@ -9,8 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from moeserve.serving.api import BackgroundServer
-from moeserve.serving.engine import Engine
+from moeserve.engine.config import EngineConfig
+from moeserve.engine.engine import Engine
+from moeserve.serving.api import ServerConfig
+from moeserve.serving.server import BackgroundServer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 KEY = "test-key"
@@ -20,8 +22,8 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 @pytest.fixture(scope="module")
 def served(loaded):
     model, tok = loaded("qwen3_moe")
-    engine = Engine(model, tok, model_name="tiny", model_path="/nowhere", max_batch=4, max_queue=32)
-    with BackgroundServer(engine, api_key=KEY) as server:
+    engine = Engine(model, tok, EngineConfig(max_batch=4, max_queue=32), model_name="tiny", model_path="/nowhere")
+    with BackgroundServer(engine, ServerConfig(api_key=KEY)) as server:
         with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as client:
             yield client, engine, model, tok
     engine.shutdown()
@@ -136,13 +138,20 @@ def test_api_key_on_every_route_but_health(served):
     ({"prompt": "x", "temperature": 5}, 400, "temperature"),
     ({"prompt": "x", "top_p": 0}, 400, "top_p"),
     ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
-    ({"prompt": "x", "n": 3}, 400, "n=1"),
+    ({"prompt": "x", "n": 17}, 400, "n"),
+    ({"prompt": ["a", "b", "c", "d", "e"], "n": 16, "max_tokens": 1}, 400, "at most 64"),
+    ({"prompt": "x", "presence_penalty": 3}, 400, "presence_penalty"),
+    ({"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ({"prompt": "x", "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ({"prompt": "x", "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ({"prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ({"prompt": "x", "echo": True}, 400, "echo"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"prompt": "", "max_tokens": 2}, 400, "empty"),
     ({"prompt": [1, 2, 99999]}, 400, "token ids"),
     ({"prompt": "x", "max_tokens": 500}, 400, "context length"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "not found"),
-    ({"prompt": ["a", "b"]}, 400, "one prompt"),
+    ({"prompt": ["a", ""]}, 400, "empty"),
 ])
 def test_bad_requests_get_clear_4xx(served, body, status, needle):
     client, *_ = served
@@ -190,14 +199,14 @@ def test_metrics_count_what_was_served(served):
 
 def test_full_queue_answers_429_with_retry_after(loaded):
     model, tok = loaded("qwen3_moe")
-    engine = Engine(model, tok, model_name="tiny", max_batch=1, max_queue=1)
-    gate, step = threading.Event(), engine.scheduler.step
+    engine = Engine(model, tok, EngineConfig(max_batch=1, max_queue=1), model_name="tiny")
+    gate, step = threading.Event(), engine.step
 
     def gated_step():
         gate.wait(timeout=30)
         step()
 
-    engine.scheduler.step = gated_step  # nothing leaves the queue until the gate opens
+    engine.step = gated_step  # nothing leaves the queue until the gate opens
     with BackgroundServer(engine, owns_engine=True) as server, ThreadPoolExecutor(1) as pool:
         first = pool.submit(httpx.post, f"{server.url}/v1/completions",
                             json={"prompt": [5, 6], "max_tokens": 3, "temperature": 0}, timeout=60)

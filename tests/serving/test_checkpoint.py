@@ -7,8 +7,8 @@ import torch
 
 from moeserve.errors import MoeServeError
 from moeserve.models.adapter import expert_weights, moe_layers
+from moeserve.models.checkpoint import CheckpointExperts, read_experts
 from moeserve.models.loading import DEMO_MODEL_DIR, load_model
-from moeserve.serving.checkpoint import CheckpointExperts, read_experts
 from tiny_models import TINY_CONFIGS, tiny_model
 
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from moeserve.errors import MoeServeError
+from moeserve.experts.dispatch import EXPERTS_IMPLEMENTATION, install_dispatch
+from moeserve.experts.process_backend import ProcessBackend
 from moeserve.models.adapter import moe_layers
 from moeserve.models.loading import DEMO_MODEL_DIR, load_model
-from moeserve.serving.dispatch import EXPERTS_IMPLEMENTATION, install_dispatch
-from moeserve.serving.expert_pool import ExpertPool
-from moeserve.serving.placement import ExpertPlacement, FunctionSpec
+from moeserve.plan.placement import ExpertFunction, ExpertPlacement
 
 FAMILIES = ["qwen3_moe", "deepseek_v3", "gpt_oss"]  # + DeepSeek's shared experts, GPT-OSS's biases
 NEW_TOKENS = 10
@@ -31,7 +31,7 @@ def half_remote(model, tag: str) -> ExpertPlacement:
     layers = moe_layers(model)
     n = layers[0].num_experts
     return ExpertPlacement({la.index: tuple(range(n // 2)) for la in layers},
-                           tuple(FunctionSpec(f"{tag}-{la.index}", la.index, tuple(range(n // 2, n)))
+                           tuple(ExpertFunction(f"{tag}-{la.index}", la.index, tuple(range(n // 2, n)))
                                  for la in layers))
 
 
@@ -39,7 +39,7 @@ def with_replica(model, half: ExpertPlacement, tag: str) -> ExpertPlacement:
     """First MoE layer: [0, E/4) local, [E/4, E) in a new function, so [E/2, E) has two replicas."""
     layers = moe_layers(model)
     first, n = layers[0].index, layers[0].num_experts
-    replica = FunctionSpec(f"{tag}-replica", first, tuple(range(n // 4, n)))
+    replica = ExpertFunction(f"{tag}-replica", first, tuple(range(n // 4, n)))
     return ExpertPlacement({**half.local, first: tuple(range(n // 4))}, half.functions + (replica,))
 
 
@@ -55,7 +55,7 @@ class Engine:
         self.half = half_remote(self.model, tag)
         self.replicas = with_replica(self.model, self.half, tag)
         # one pool for both placements: the half-remote dispatch uses only its own functions
-        self.pool = ExpertPool.from_model(self.model, self.model_dir, self.replicas)
+        self.pool = ProcessBackend.from_model(self.model, self.model_dir, self.replicas)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def engines(tiny_model_dirs):
     for e in engines.values():  # spawn all at once, then wait
         e.pool.start(wait=False)
     for e in engines.values():
-        e.pool.prewarm(list(e.pool.functions), wait=True)
+        e.pool.prewarm(list(e.pool.specs()), wait=True)
     yield engines
     for e in engines.values():
         e.pool.stop()
@@ -104,7 +104,7 @@ def test_half_remote(engines, family):
         assert s["calls"] == NEW_TOKENS and s["remote_pairs"] > 0 and s["local_pairs"] > 0
         assert s["fallback_pairs"] == 0
     metrics = e.pool.metrics()
-    assert metrics["failures"] == 0 and metrics["fallback_pairs"] == 0
+    assert metrics["failures"] == 0
     assert sum(s["remote_pairs"] for s in stats.values()) == metrics["pairs"]
     assert all(metrics["functions"][f.id]["calls"] > 0 for f in e.half.functions)
     assert metrics["functions"][e.replicas.functions[-1].id]["calls"] == 0  # not in this placement
@@ -118,12 +118,12 @@ def test_replicas(engines, family):
     out, stats = run_with(e, e.replicas, e.pool)
     assert torch.equal(out, e.reference)
     after = e.pool.metrics()
-    assert after["failures"] == 0 and after["fallback_pairs"] == 0
+    assert after["failures"] == 0 and sum(s["fallback_pairs"] for s in stats.values()) == 0
     for fid in (replica.id, f"{family}-{replica.layer}"):  # both replicas of the first layer took work
         assert after["functions"][fid]["calls"] > before[fid]["calls"], fid
 
 
-def _kill_on_call(pool: ExpertPool, victim: str, nth: int):
+def _kill_on_call(pool: ProcessBackend, victim: str, nth: int):
     """Make the pool SIGKILL `victim` right after sending it its `nth` call (the call is then in flight)."""
     sent = {"n": 0, "pid": None}
     original = pool.call
@@ -156,7 +156,7 @@ def test_killed_function_replica_takes_over(engines):
     after = e.pool.metrics()
     assert after["functions"][victim]["failures"] == before["functions"][victim]["failures"] + 1
     assert after["functions"][victim]["restarts"] == before["functions"][victim]["restarts"] + 1
-    assert after["retries"] == before["retries"] + 1  # the in-flight call went to the replica
+    assert sum(s["retries"] for s in stats.values()) == 1  # the in-flight call went to the replica
     assert sum(s["fallback_pairs"] for s in stats.values()) == 0
     e.pool.prewarm([victim], wait=True)
     assert e.pool.pids()[victim] != sent["pid"]
@@ -173,7 +173,7 @@ def test_released_weights_and_killed_function(engines):
 
     full = param_bytes()
     victim = e.half.functions[0].id
-    e.pool.prewarm(list(e.pool.functions), wait=True)
+    e.pool.prewarm(list(e.pool.specs()), wait=True)
     before = e.pool.metrics()
     sent = _kill_on_call(e.pool, victim, nth=2)
     try:
@@ -191,14 +191,13 @@ def test_released_weights_and_killed_function(engines):
     assert stats[e.half.functions[0].layer]["fallback_pairs"] > 0
     after = e.pool.metrics()
     assert after["functions"][victim]["failures"] == before["functions"][victim]["failures"] + 1
-    assert after["fallback_pairs"] > before["fallback_pairs"]
     with pytest.raises(MoeServeError, match="reload"):
         handle.remove()
 
 
 def test_placement_with_remote_experts_needs_a_pool(engines):
     e = engines["qwen3_moe"]
-    with pytest.raises(MoeServeError, match="no expert pool"):
+    with pytest.raises(MoeServeError, match="no expert backend"):
         install_dispatch(e.model, e.half)
     handle = install_dispatch(e.model, ExpertPlacement.all_local([la.index for la in moe_layers(e.model)], 8))
     with pytest.raises(MoeServeError, match="already installed"):
@@ -216,5 +215,5 @@ def test_demo_model():
         for placement in (e.half, e.replicas):
             assert torch.equal(run_with(e, placement, e.pool)[0], e.reference)
         metrics = e.pool.metrics()
-    assert metrics["failures"] == 0 and metrics["fallback_pairs"] == 0
+    assert metrics["failures"] == 0
     assert all(f["calls"] > 0 for f in metrics["functions"].values())

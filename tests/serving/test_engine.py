@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from moeserve.engine.config import EngineConfig
+from moeserve.engine.engine import Engine
+from moeserve.engine.kv_batch import KVBatch
+from moeserve.engine.sampling import SamplingParams, TextAssembler, choose_tokens, new_generator, top_p_filter
+from moeserve.engine.scheduler import EngineClosed, QueueFull
 from moeserve.models.loading import DEMO_MODEL_DIR
-from moeserve.serving.engine import Engine
-from moeserve.serving.kv_batch import KVBatch
-from moeserve.serving.sampling import SamplingParams, TextAssembler, top_p_filter
-from moeserve.serving.scheduler import EngineClosed, QueueFull
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 GREEDY = dict(temperature=0.0)
@@ -35,7 +36,7 @@ def test_concurrent_greedy_equals_generate(family, loaded, reference):
     prompts = _prompts(7, model.config.vocab_size, seed=1, longest=24)
     lengths = [3 + 5 * i % 29 for i in range(7)]
     expected = [reference(model, p, n) for p, n in zip(prompts, lengths, strict=True)]
-    engine = Engine(model, tok, max_batch=3).start()
+    engine = Engine(model, tok, EngineConfig(max_batch=3)).start()
     try:
         handles = [engine.submit(p, SamplingParams(max_tokens=n, **GREEDY), stream_text=False)
                    for p, n in zip(prompts, lengths, strict=True)]
@@ -57,7 +58,7 @@ def test_demo_model_greedy_equals_generate(reference):
     texts = ["def add(a, b):", "The history of the city", "A dictionary is"]
     prompts = [tok(t)["input_ids"] for t in texts]
     expected = [reference(model, p, n) for p, n in zip(prompts, (20, 8, 14), strict=True)]
-    engine = Engine(model, tok, max_batch=2).start()
+    engine = Engine(model, tok, EngineConfig(max_batch=2)).start()
     try:
         got = [h.result(timeout=120).token_ids for h in
                [engine.submit(p, SamplingParams(max_tokens=n, **GREEDY)) for p, n in zip(prompts, (20, 8, 14), strict=True)]]
@@ -77,7 +78,7 @@ def test_routed_experts_are_the_ones_generate_used(loaded):
         model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
     # token i was chosen by forward call i: the prefill's last row, then one row per decode step
     expected = [torch.stack([ids[-1] for ids in call.ids]).tolist() for call in cap.calls]
-    engine = Engine(model, tok, max_batch=2).start()
+    engine = Engine(model, tok, EngineConfig(max_batch=2)).start()
     try:
         other = engine.submit([7, 8], SamplingParams(max_tokens=6, **GREEDY), return_routed_experts=True)
         mine = engine.submit(prompt, SamplingParams(max_tokens=6, ignore_eos=True, **GREEDY),
@@ -98,7 +99,7 @@ def test_seeded_sampling_ignores_batch_neighbours(loaded):
     model, tok = loaded("mixtral")
     prompt = [4, 8, 15, 16, 23, 42]
     params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=1234)
-    engine = Engine(model, tok, max_batch=4).start()
+    engine = Engine(model, tok, EngineConfig(max_batch=4)).start()
     try:
         alone = engine.generate(prompt, params).token_ids
         crowd = [engine.submit(p, SamplingParams(max_tokens=12, temperature=0.7, seed=i))
@@ -131,6 +132,19 @@ def test_top_p_filter_keeps_smallest_nucleus():
         np.testing.assert_allclose(kept.sum().item(), 1.0, rtol=1e-6)
         np.testing.assert_allclose(kept[sorted(keep)].numpy(), (probs[sorted(keep)] / probs[sorted(keep)].sum()).numpy(),
                                    rtol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-30, 9e-6])
+def test_vanishing_temperatures_are_greedy_not_nan(temperature):
+    """Found by the API fuzz test: logits / 5e-324 overflowed float32 and sampling raised (HTTP 500)."""
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(0)) * 30
+    params = [SamplingParams(temperature=temperature, seed=1)] * 3
+    assert choose_tokens(logits, params, [new_generator(1) for _ in range(3)]) == logits.argmax(-1).tolist()
+    hot = [SamplingParams(temperature=1e-3, seed=1)] * 3  # small but sampled: still finite probabilities
+    assert len(choose_tokens(logits, hot, [new_generator(1) for _ in range(3)])) == 3
+    # the fuzz test's second find: top_p = 5e-324 is 0 in float32 and dropped every token
+    nucleus = [SamplingParams(temperature=1.0, top_p=5e-324, seed=1)] * 3
+    assert choose_tokens(logits, nucleus, [new_generator(1) for _ in range(3)]) == logits.argmax(-1).tolist()
 
 
 class _CharTokenizer:
@@ -168,7 +182,7 @@ def test_stop_string_and_eos_end_like_generate(loaded, reference):
     ids = reference(model, prompt, 30)
     full = tok.decode(ids, skip_special_tokens=True)
     stop = full[len(full) // 2: len(full) // 2 + 2]
-    engine = Engine(model, tok, max_batch=2).start()
+    engine = Engine(model, tok, EngineConfig(max_batch=2)).start()
     try:
         c = engine.generate(prompt, SamplingParams(max_tokens=30, stop=(stop,), **GREEDY))
         streamed = engine.submit(prompt, SamplingParams(max_tokens=30, stop=(stop,), **GREEDY))
@@ -192,7 +206,7 @@ def test_stop_string_and_eos_end_like_generate(loaded, reference):
 
 def test_queue_bound_and_retry_after(loaded):
     model, tok = loaded("qwen3_moe")
-    engine = Engine(model, tok, max_batch=1, max_queue=2)  # not started: nothing leaves the queue
+    engine = Engine(model, tok, EngineConfig(max_batch=1, max_queue=2))  # not started: nothing leaves the queue
     engine.submit([5, 6], SamplingParams(max_tokens=4, **GREEDY))
     engine.submit([5, 7], SamplingParams(max_tokens=4, **GREEDY))
     with pytest.raises(QueueFull) as info:
@@ -206,7 +220,7 @@ def test_queue_bound_and_retry_after(loaded):
 def test_shutdown_drains_every_accepted_request(loaded, reference):
     model, tok = loaded("mixtral")
     prompts = _prompts(4, 128, seed=7)
-    engine = Engine(model, tok, max_batch=2).start()
+    engine = Engine(model, tok, EngineConfig(max_batch=2)).start()
     handles = [engine.submit(p, SamplingParams(max_tokens=12, **GREEDY)) for p in prompts]
     engine.shutdown(drain=True)  # returns only once the queue and the batch are empty
     with pytest.raises(EngineClosed):
@@ -216,14 +230,14 @@ def test_shutdown_drains_every_accepted_request(loaded, reference):
 
 def test_cancel_frees_the_slot(loaded):
     model, tok = loaded("qwen3_moe")
-    engine = Engine(model, tok, max_batch=1)
-    gate, decode = threading.Event(), engine.scheduler._decode
+    engine = Engine(model, tok, EngineConfig(max_batch=1))
+    gate, decode = threading.Event(), engine._decode
 
     def gated_decode():
         gate.wait(timeout=30)
         decode()
 
-    engine.scheduler._decode = gated_decode
+    engine._decode = gated_decode
     engine.start()
     try:
         long = engine.submit([5, 6], SamplingParams(max_tokens=100, ignore_eos=True, **GREEDY))
@@ -263,11 +277,11 @@ def test_kv_batch_keep_drops_columns_nobody_needs():
 
 def test_half_the_experts_remote_through_the_pool(tiny_model_dirs, reference):
     """The seam to the expert pool: a dispatch inside the model's forward, the engine unchanged."""
+    from moeserve.experts.dispatch import install_dispatch
+    from moeserve.experts.process_backend import ProcessBackend
     from moeserve.models.adapter import moe_layers
     from moeserve.models.loading import load_model, load_tokenizer
-    from moeserve.serving.dispatch import install_dispatch
-    from moeserve.serving.expert_pool import ExpertPool
-    from moeserve.serving.placement import ExpertPlacement, FunctionSpec
+    from moeserve.plan.placement import ExpertFunction, ExpertPlacement
 
     model_dir = tiny_model_dirs["qwen3_moe"]
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
@@ -276,10 +290,10 @@ def test_half_the_experts_remote_through_the_pool(tiny_model_dirs, reference):
     layers = moe_layers(model)
     n = layers[0].num_experts
     placement = ExpertPlacement({la.index: tuple(range(n // 2)) for la in layers},
-                                tuple(FunctionSpec(f"f{la.index}", la.index, tuple(range(n // 2, n))) for la in layers))
-    pool = ExpertPool.from_model(model, str(model_dir), placement).start()
+                                tuple(ExpertFunction(f"f{la.index}", la.index, tuple(range(n // 2, n))) for la in layers))
+    pool = ProcessBackend.from_model(model, str(model_dir), placement).start()
     dispatch = install_dispatch(model, placement, pool, release_remote_weights=True)
-    engine = Engine(model, tok, pool=pool, dispatch=dispatch, max_batch=3).start()
+    engine = Engine(model, tok, EngineConfig(max_batch=3), dispatch=dispatch).start()
     try:
         got = [h.result(timeout=120).token_ids
                for h in [engine.submit(p, SamplingParams(max_tokens=10, **GREEDY)) for p in prompts]]

@@ -1,5 +1,6 @@
-"""Expert functions and their pool: results equal the in-process reference; failures are survived and
-counted; idle functions scale to zero and come back; nothing is left behind on stop or on a signal."""
+"""The process backend: results equal the in-process reference; failures are survived (the failover policy
+retries on a replica, else hands the pairs back) and counted; idle functions scale to zero and come back;
+nothing is left behind on stop or on a signal; a cold start never blocks the backend's other callers."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ import pytest
 import torch
 
 from moeserve.errors import MoeServeError
+from moeserve.experts.backend import collect_with_failover
+from moeserve.experts.process_backend import ProcessBackend
+from moeserve.experts.process_function import SHM_PREFIX
 from moeserve.models.adapter import moe_layers, routed_forward
 from moeserve.models.loading import load_model
-from moeserve.serving.expert_function import SHM_PREFIX
-from moeserve.serving.expert_pool import ExpertPool
-from moeserve.serving.placement import ExpertPlacement, FunctionSpec
+from moeserve.plan.placement import ExpertFunction, ExpertPlacement
 
 FAMILY = "gpt_oss"  # transposed, interleaved, biased experts: the least forgiving layout
 
@@ -52,9 +54,9 @@ def setup(tiny_model_dirs):
     layer = moe_layers(model)[-1]
     placement = ExpertPlacement(
         {la.index: tuple(range(la.num_experts)) for la in moe_layers(model)},  # the functions hold copies
-        (FunctionSpec("a", layer.index, (2, 3, 4, 5, 6, 7)), FunctionSpec("b", layer.index, (4, 5, 6, 7))),
+        (ExpertFunction("a", layer.index, (2, 3, 4, 5, 6, 7)), ExpertFunction("b", layer.index, (4, 5, 6, 7))),
     )
-    pool = ExpertPool.from_model(model, str(model_dir), placement, call_timeout_s=5.0, reap_interval_s=0.1)
+    pool = ProcessBackend.from_model(model, str(model_dir), placement, call_timeout_s=5.0, reap_interval_s=0.1)
     pool.start()
     yield model, layer, pool
     pool.stop()
@@ -69,7 +71,8 @@ def routing(layer, tokens: int, seed: int):
 
 
 def call(pool, fid, layer, x, idx, w, experts):
-    """Send the pairs of `experts` to `fid`; -> (their weighted sum [T, H] or None, the RemoteCall)."""
+    """Send the pairs of `experts` to `fid` through the failover policy; -> (their weighted sum [T, H] or
+    None, the RemoteCall, the failover counts)."""
     ids = idx.numpy()
     tok, slot = np.nonzero(np.isin(ids, experts))
     order = np.argsort(ids[tok, slot], kind="stable")
@@ -77,12 +80,12 @@ def call(pool, fid, layer, x, idx, w, experts):
     rows, pair_rows = np.unique(tok, return_inverse=True)
     rc = pool.call(fid, x, torch.from_numpy(rows), pair_rows.astype(np.int32), ids[tok, slot].astype(np.int32),
                    w.numpy()[tok, slot].astype(np.float32))
-    y = pool.collect([rc])[0]
+    (y,), counts = collect_with_failover(pool, [rc], None)
     if y is None:
-        return None, rc
+        return None, rc, counts
     out = torch.zeros_like(x)
     out.index_add_(0, rc.token_rows, y)
-    return out, rc
+    return out, rc, counts
 
 
 def test_calls_match_reference_and_metrics(setup):
@@ -92,7 +95,7 @@ def test_calls_match_reference_and_metrics(setup):
         # the second batch is bigger than the first buffers: they are replaced by larger ones
         for tokens, fid, experts in ((9, "a", [2, 3, 4, 5, 6, 7]), (9, "b", [4, 6]), (200, "a", [2, 5])):
             x, idx, w = routing(layer, tokens, seed=tokens)
-            got, rc = call(pool, fid, layer, x, idx, w, experts)
+            got, rc, _ = call(pool, fid, layer, x, idx, w, experts)
             assert got is not None and rc.compute_s > 0
             torch.testing.assert_close(got, routed_forward(layer, x, idx, w, experts=experts), rtol=1e-5, atol=1e-6)
             pairs_to_a += len(rc.pair_rows) if fid == "a" else 0
@@ -131,7 +134,7 @@ def test_failures_are_survived_and_counted(setup, mode, target, experts, replica
     pool.call_timeout_s = 1.0
     try:
         with torch.no_grad():
-            got, _ = call(pool, target, layer, x, idx, w, experts)
+            got, _, counts = call(pool, target, layer, x, idx, w, experts)
     finally:
         pool.call_timeout_s = 5.0
     after = pool.metrics()
@@ -140,22 +143,22 @@ def test_failures_are_survived_and_counted(setup, mode, target, experts, replica
     assert not alive(old_pid)
     if replica is None:
         assert got is None
-        assert after["fallback_pairs"] == before["fallback_pairs"] + int(np.isin(idx.numpy(), experts).sum())
+        assert counts.fallback_pairs == int(np.isin(idx.numpy(), experts).sum()) and counts.retries == 0
     else:
-        assert after["retries"] == before["retries"] + 1
+        assert counts.retries == 1 and counts.fallback_pairs == 0
         assert after["functions"][replica]["calls"] == before["functions"][replica]["calls"] + 1
         with torch.no_grad():
             torch.testing.assert_close(got, routed_forward(layer, x, idx, w, experts=experts), rtol=1e-5, atol=1e-6)
     pool.prewarm([target], wait=True)  # restarted in the background: a fresh, working process
     assert pool.pids()[target] != old_pid
     with torch.no_grad():
-        got, _ = call(pool, target, layer, x, idx, w, experts)
+        got, _, _ = call(pool, target, layer, x, idx, w, experts)
         torch.testing.assert_close(got, routed_forward(layer, x, idx, w, experts=experts), rtol=1e-5, atol=1e-6)
 
 
 def test_scale_to_zero_and_cold_start_on_demand(setup):
     _, layer, pool = setup
-    pool.add_function(FunctionSpec("c", layer.index, (0, 1), keep_alive_s=0.3), wait=True)
+    pool.add_function(ExpertFunction("c", layer.index, (0, 1), keep_alive_s=0.3), wait=True)
     first_pid = pool.pids()["c"]
     assert wait_until(lambda: pool.functions["c"].state == "stopped")
     m = pool.metrics()["functions"]["c"]
@@ -166,7 +169,7 @@ def test_scale_to_zero_and_cold_start_on_demand(setup):
     assert chosen == {"c": [0]} and unplaced == []
     x, idx, w = routing(layer, tokens=6, seed=4)
     with torch.no_grad():
-        got, _ = call(pool, "c", layer, x, idx, w, [0])
+        got, _, _ = call(pool, "c", layer, x, idx, w, [0])
         torch.testing.assert_close(got, routed_forward(layer, x, idx, w, experts=[0]), rtol=1e-5, atol=1e-6)
     m = pool.metrics()["functions"]["c"]
     assert m["cold_starts"] == 2 and m["cold_start_s"] >= m["last_cold_start_s"] > 0
@@ -178,8 +181,8 @@ def test_scale_to_zero_and_cold_start_on_demand(setup):
 
 def test_a_function_that_cannot_load_fails_start(setup, tiny_model_dirs):
     _, layer, _ = setup
-    placement = ExpertPlacement({layer.index: (0,)}, (FunctionSpec("x", layer.index, (1,)),))
-    pool = ExpertPool(str(tiny_model_dirs["dense"]), placement, {layer.index: layer.layout}, layer.hidden_size)
+    placement = ExpertPlacement({layer.index: (0,)}, (ExpertFunction("x", layer.index, (1,)),))
+    pool = ProcessBackend(str(tiny_model_dirs["dense"]), placement, {layer.index: layer.layout}, layer.hidden_size)
     try:
         with pytest.raises(MoeServeError, match="did not start: .*no routed experts for layer"):
             pool.start()
@@ -201,13 +204,13 @@ def test_stop_leaves_no_processes_or_shared_memory(setup):
 
 _POOL_SCRIPT = """
 import json, sys, time
-from moeserve.models.adapter import ExpertLayout
-from moeserve.serving.expert_pool import ExpertPool
-from moeserve.serving.placement import ExpertPlacement, FunctionSpec
+from moeserve.experts.process_backend import ProcessBackend
+from moeserve.models.expert_ffn import ExpertLayout
+from moeserve.plan.placement import ExpertPlacement, ExpertFunction
 
 layer, hidden, layout = json.loads(sys.argv[2])
-placement = ExpertPlacement({layer: (0,)}, (FunctionSpec("f", layer, (1, 2, 3, 4, 5, 6, 7)),))
-pool = ExpertPool(sys.argv[1], placement, {layer: ExpertLayout(**layout)}, hidden).start()
+placement = ExpertPlacement({layer: (0,)}, (ExpertFunction("f", layer, (1, 2, 3, 4, 5, 6, 7)),))
+pool = ProcessBackend(sys.argv[1], placement, {layer: ExpertLayout(**layout)}, hidden).start()
 pool.functions["f"].proc._ensure_rows(8)  # a shared-memory segment exists
 print(json.dumps(pool.pids()), flush=True)
 time.sleep(120)
@@ -238,3 +241,31 @@ def test_signals_leave_nothing_behind(setup, tiny_model_dirs):
         gone = pids[sig]
         assert wait_until(lambda: not any(alive(p) for p in gone), 10.0), sig.name  # noqa: B023
         assert wait_until(lambda: shm_segments(proc.pid) == [], 10.0), sig.name  # noqa: B023
+
+
+def test_a_cold_start_does_not_block_metrics_or_prewarming(setup, tiny_model_dirs):
+    """A call waiting for a function's cold start (8 s here) used to hold the backend's lock: /metrics and
+    request-arrival pre-warming waited with it. Now they answer while the start is still under way."""
+    import threading
+
+    model, layer, _ = setup
+    placement = ExpertPlacement({la.index: tuple(range(la.num_experts)) for la in moe_layers(model)},
+                                (ExpertFunction("slow", layer.index, (0, 1)), ExpertFunction("other", layer.index, (2,))))
+    backend = ProcessBackend.from_model(model, str(tiny_model_dirs[FAMILY]), placement, start_delay_s=8.0)
+    try:
+        assigned = {}
+        waiter = threading.Thread(target=lambda: assigned.update(result=backend.assign(layer.index, {0: 3})))
+        t0 = time.perf_counter()
+        waiter.start()  # launches "slow" and waits for it to be ready
+        assert wait_until(lambda: backend.metrics()["functions"]["slow"]["state"] == "starting", 5.0)
+        t1 = time.perf_counter()
+        metrics = backend.metrics()
+        backend.prewarm(["other"], wait=False)
+        answered_s = time.perf_counter() - t1
+        assert waiter.is_alive()  # still waiting for the cold start
+        assert metrics["functions"]["slow"]["state"] == "starting" and answered_s < 1.0
+        waiter.join(60)
+        chosen, unplaced = assigned["result"]
+        assert chosen == {"slow": [0]} and unplaced == [] and time.perf_counter() - t0 >= 8.0
+    finally:
+        backend.stop()

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 from cli_run import run_cli
-from moeserve.serving.placement import ExpertPlacement, FunctionSpec
-from moeserve.serving.prewarm import SpsPrewarmer, functions_to_prewarm
+from moeserve.experts.prewarm import SpsPrewarmer, functions_to_prewarm
+from moeserve.plan.placement import ExpertFunction, ExpertPlacement
 
 
 def half_remote(layers=(0, 1), experts=8) -> ExpertPlacement:
     local = {layer: tuple(range(experts // 2)) for layer in layers}
-    fns = tuple(FunctionSpec(f"L{layer}-r0", layer, tuple(range(experts // 2, experts))) for layer in layers)
+    fns = tuple(ExpertFunction(f"L{layer}-r0", layer, tuple(range(experts // 2, experts))) for layer in layers)
     return ExpertPlacement(local, fns)
 
 
@@ -36,7 +36,7 @@ class RecordingPool:
 
 def test_prewarmer_on_a_real_trace(tiny_model_dirs, tmp_path):
     from moeserve.models.loading import load_input_embeddings
-    from moeserve.planning.sps import SpsPredictor
+    from moeserve.remoe.sps import SpsPredictor
     from moeserve.traces.format import ExpertTrace
 
     model_dir = tiny_model_dirs["qwen3_moe"]

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from moeserve.experts.dispatch import install_dispatch
+from moeserve.experts.process_backend import ProcessBackend
+from moeserve.experts.replica_scaling import ReplicaScaler, straggler_changes
 from moeserve.models.adapter import moe_layers
 from moeserve.models.loading import load_model
-from moeserve.serving.dispatch import install_dispatch
-from moeserve.serving.expert_pool import ExpertPool
-from moeserve.serving.placement import ExpertPlacement, FunctionSpec
-from moeserve.serving.replica_scaling import ReplicaScaler, straggler_changes
+from moeserve.plan.placement import ExpertFunction, ExpertPlacement
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,7 +34,7 @@ def test_replica_added_used_and_retired(tiny_model_dirs, reference):
     expected = reference(model, prompt, 8)
     e = layers[0].num_experts
     placement = ExpertPlacement({la.index: tuple(range(e // 2)) for la in layers},
-                                tuple(FunctionSpec(f"L{la.index}-r0", la.index, tuple(range(e // 2, e)))
+                                tuple(ExpertFunction(f"L{la.index}-r0", la.index, tuple(range(e // 2, e)))
                                       for la in layers))
     from moeserve.traces.capture import RoutingCapture
 
@@ -43,7 +43,7 @@ def test_replica_added_used_and_retired(tiny_model_dirs, reference):
                        do_sample=False, max_new_tokens=8, pad_token_id=0)
     used = [torch.cat([c.ids[pos].reshape(-1) for c in cap.calls]) for pos in range(len(layers))]
     hot = [int(torch.bincount(u[u >= e // 2], minlength=e).argmax()) for u in used]  # most used remote expert
-    pool = ExpertPool.from_model(model, str(model_dir), placement).start()
+    pool = ProcessBackend.from_model(model, str(model_dir), placement).start()
     handle = install_dispatch(model, placement, pool)
     try:
         scaler = ReplicaScaler(handle, pool, threshold=1.5, max_copies=2, retire_after=2)

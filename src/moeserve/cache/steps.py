@@ -75,3 +75,37 @@ def consecutive_steps(
     offset_in_request = np.arange(num_tokens) - starts[request_of_token]
     step_of_token = step_request_starts[request_of_token] + offset_in_request // tokens_per_step
     return step_of_token, step_request_starts
+
+
+def split_step(experts: np.ndarray, capacity: int) -> list[np.ndarray]:
+    """The order in which a serving engine with `capacity` residents per layer brings in one step's experts.
+
+    experts: [n] int, the distinct experts one layer needs in one forward, ascending -> chunks of at most
+    `capacity` ids, in order, each one cache step (a prefill needs more experts than fit: they stream
+    through the cache a chunk at a time). `chunked_step_sets` applies the same rule to a whole trace.
+    """
+    return [experts[i:i + capacity] for i in range(0, len(experts), capacity)] if capacity >= 1 else []
+
+
+def chunked_step_sets(expert_sets: np.ndarray, capacity: int) -> np.ndarray:
+    """Step sets as an engine with `capacity` residents per layer executes them (`split_step` per row).
+
+    expert_sets: [steps, layers, width] int (rows ascending, -1 padding: `step_expert_sets` output) ->
+    [cache_steps, layers, min(width, capacity)] int64: each step becomes max over layers of
+    ceil(|set| / capacity) cache steps; a layer with fewer chunks gets rows of -1 (no access), which
+    change no policy's choices.
+    """
+    sets = np.asarray(expert_sets)
+    if capacity < 1:
+        raise MoeServeError("capacity must be >= 1")
+    width = min(sets.shape[2], capacity)
+    rows: list[np.ndarray] = []
+    for step in sets:
+        chunks = [split_step(row[row >= 0], capacity) for row in step]
+        for c in range(max(1, max(len(ch) for ch in chunks))):
+            block = np.full((sets.shape[1], width), -1, dtype=np.int64)
+            for layer, ch in enumerate(chunks):
+                if c < len(ch):
+                    block[layer, :len(ch[c])] = ch[c]
+            rows.append(block)
+    return np.stack(rows)

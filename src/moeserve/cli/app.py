@@ -36,17 +36,30 @@ def _root(
 
 def _register() -> None:
     # Each module adds its command to `app`; a command is registered only once it works.
-    from moeserve.cli import bench, finetune, inspect, plan, profile, serve, trace  # noqa: F401
+    from moeserve.cli import bench, export, finetune, inspect, plan, profile, serve, trace  # noqa: F401
 
 
 _register()
+
+
+def _usage_error_line(exc: Exception) -> str:
+    """One line for a usage error (unknown option, bad value, missing argument), with where help is."""
+    ctx = getattr(exc, "ctx", None)
+    command = getattr(ctx, "command_path", None) or "moeserve"
+    message = " ".join(exc.format_message().split())
+    return f"{command}: error: {message} (see '{command} --help')"
 
 
 def main() -> None:
     """Console entry point: bad input is one line on stderr and exit code 2, never a traceback."""
     debug = os.environ.get("MOESERVE_DEBUG") == "1"
     try:
-        app()
+        code = app(standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        print("moeserve: aborted", file=sys.stderr)
+        sys.exit(1)
     except MoeServeError as exc:
         if debug:
             raise
@@ -55,6 +68,12 @@ def main() -> None:
     except KeyboardInterrupt:
         print("moeserve: interrupted", file=sys.stderr)
         sys.exit(130)
+    except typer.TyperException as exc:  # click's usage errors (vendored by typer): no rich box, one line
+        if debug:
+            raise
+        if exc.format_message().strip():  # empty: a command given no arguments printed its help
+            print(_usage_error_line(exc), file=sys.stderr)
+        sys.exit(getattr(exc, "exit_code", 2))
     except (OSError, ValueError) as exc:
         if debug:
             raise
@@ -66,3 +85,4 @@ def main() -> None:
         print(f"moeserve: internal error: {type(exc).__name__}: {exc} (MOESERVE_DEBUG=1 shows the traceback)",
               file=sys.stderr)
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
+from moeserve import defaults
 from moeserve.cli.app import app
 from moeserve.cli.common import console, emit_json
-from moeserve.errors import MoeServeError
+from moeserve.cli.validate import POSITIVE, choice, number
 
 
 def _ms(v: float | None) -> str:
@@ -19,16 +19,23 @@ def _ms(v: float | None) -> str:
 
 def summary_table(title: str, summaries: list) -> Table:
     t = Table(title=title)
-    for col in ("system", "ok / sent", "429", "req/s", "out tok/s", "TTFT p50/p90/p99 ms", "TPOT p50/p90/p99 ms",
+    for col in ("system", "ok / sent", "429", "cut", "req/s", "out tok/s", "TTFT p50/p90/p99 ms", "TPOT p50/p90/p99 ms",
                 "cost USD"):
         t.add_column(col, justify="right" if col != "system" else "left")
     for s in summaries:
-        t.add_row(s.name, f"{s.completed} / {s.requests}", str(s.rejected), f"{s.requests_per_s:.2f}",
+        t.add_row(s.name, f"{s.completed} / {s.requests}", str(s.rejected), str(s.cut),
+                  f"{s.requests_per_s:.2f}",
                   f"{s.output_tokens_per_s:,.1f}",
                   " / ".join(_ms(s.ttft_s[k]) for k in ("p50", "p90", "p99")),
                   " / ".join(_ms(s.tpot_s[k]) for k in ("p50", "p90", "p99")),
                   "-" if s.cost_usd is None else f"{s.cost_usd:.6f}")
     return t
+
+
+def cache_line(c: dict, settings: str) -> str:
+    """One line of the served engine's expert-cache totals (ExpertCaches.totals)."""
+    return (f"expert cache ({settings}, {c['read_mode']} reads): hit rate {c['hit_rate']:.1%}, {c['misses']} misses, "
+            f"{c['bytes_read'] / 1e6:.1f} MB read, {c['stall_s']:.2f} s stalled")
 
 
 @app.command("bench")
@@ -37,9 +44,9 @@ def bench_cmd(
     model: str = typer.Option(None, "--model", help="Serve this model in-process instead (default: demo)."),
     plan: str = typer.Option(None, "--plan", help="With --model: the plan to serve it with."),
     workload: str = typer.Option("azure-conv", "--workload", help="azure-conv, azure-code, poisson or closed."),
-    rate: float = typer.Option(None, "--rate", min=0.0, help="Requests per second (default: twice what one "
+    rate: float = typer.Option(None, "--rate", parser=POSITIVE, help="Requests per second (default: twice what one "
                                "request at a time could serve, measured)."),
-    duration: float = typer.Option(60.0, "--duration", min=1.0, help="Seconds of arrivals to replay."),
+    duration: float = typer.Option(60.0, "--duration", parser=number(low=1.0), help="Seconds of arrivals to replay."),
     concurrency: int = typer.Option(8, "--concurrency", min=1, help="Clients of the closed workload."),
     baseline: str = typer.Option(None, "--baseline", help="'hf': also run plain transformers generate on the "
                                  "same prompts, one at a time, for the same duration (latencies as if it "
@@ -52,100 +59,42 @@ def bench_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of prompt pairing and Poisson arrivals."),
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads for torch in this process (0: default)."),
     plot_path: Path = typer.Option(None, "--plot", help="Write TTFT/TPOT/in-flight plots to this PNG."),
+    expert_cache: int = typer.Option(None, "--expert-cache", min=1, help="With --model (or the demo): serve it "
+                                     "with at most C experts per MoE layer in memory (docs/expert-cache.md)."),
+    cache_policy: str = typer.Option(defaults.EXPERT_CACHE_POLICY, "--cache-policy", parser=choice(*defaults.EXPERT_CACHE_POLICIES), help="lru or lfu."),
+    prefetch: str = typer.Option(defaults.EXPERT_CACHE_PREFETCH, "--prefetch", parser=choice(*defaults.EXPERT_CACHE_PREFETCHES), help="none or router."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
 ) -> None:
     """Replay real arrival times with real prompts and report TTFT/TPOT p50/p90/p99, throughput, errors, cost.
 
-    Stops by itself: arrivals end after --duration, stragglers are cut 120 s later. Targets 127.0.0.1 only.
+    Stops by itself: arrivals end after --duration, requests still open 5 s later are cut ("cut"). Targets 127.0.0.1 only.
 
     Example: moeserve bench --workload azure-conv --duration 60 --baseline hf --plot bench.png
+    With an expert cache: moeserve bench --model demo --expert-cache 8 --workload closed --duration 20
     """
-    from moeserve.models.loading import load_model, load_tokenizer, resolve_device
-    from moeserve.serving import bench
-    from moeserve.workloads import load_prompts
+    from moeserve.experts.expert_cache import ExpertCacheOptions
+    from moeserve.serving.bench import BenchOptions, run_bench
 
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    if url and (model or plan):
-        raise MoeServeError("give --url or --model/--plan, not both")
-    if baseline not in (None, "hf"):
-        raise MoeServeError(f"unknown baseline {baseline!r} (valid: hf)")
-    if workload not in bench.WORKLOADS:
-        raise MoeServeError(f"unknown workload {workload!r} (valid: {', '.join(bench.WORKLOADS)})")
-    if rate is not None and rate <= 0:
-        raise MoeServeError("--rate must be positive")
-    engine = server = None
-    try:
-        if url:
-            url = bench.check_local_url(url)
-        else:
-            from moeserve.serving.api import BackgroundServer
-            from moeserve.serving.engine import Engine
-
-            console.print(f"loading {model or 'demo'} and serving it in-process ...")
-            engine = Engine.from_model_dir(model or "demo", plan=plan, device=device, max_batch=max_batch,
-                                           max_queue=4096)
-            server = BackgroundServer(engine, api_key=api_key).__enter__()
-            url = server.url
-        info = bench.server_info(url, api_key)
-        root = info.get("root")
-        tokenizer = load_tokenizer(root) if root and Path(root).is_dir() else None
-        token_len = (lambda text: len(tokenizer(text)["input_ids"])) if tokenizer else (lambda text: len(text) // 4)
-        prompt_set = load_prompts(prompts, seed=seed)
-        context = info.get("max_model_len")
-
-        if workload != "closed" and rate is None:
-            sample = bench.build_workload(workload, prompt_set, rate=1.0, duration_s=duration, max_tokens=max_tokens,
-                                          token_len=token_len, context_limit=context, seed=seed)
-            probe = sorted(sample, key=lambda r: (r.max_tokens, token_len(r.prompt)))[len(sample) // 2]
-            console.print("calibrating the request rate ...")
-            rate = bench.calibrate_rate(url, probe, api_key, info["id"])
-        requests = bench.build_workload(workload, prompt_set, rate=rate, duration_s=duration, max_tokens=max_tokens,
-                                        token_len=token_len, context_limit=context, seed=seed)
-        what = (f"{concurrency} closed-loop clients" if workload == "closed"
-                else f"{len(requests)} requests at {rate:.2f} req/s")
-        console.print(f"replaying {workload}: {what} for {duration:.0f} s against {url} ...")
-        cost0 = bench.scrape_cost(url, api_key)
-        results, wall = asyncio.run(bench.replay(url, requests, duration_s=duration, api_key=api_key,
-                                                 concurrency=concurrency if workload == "closed" else None,
-                                                 model=info["id"]))
-        cost1 = bench.scrape_cost(url, api_key)
-        cost = None if cost0 is None or cost1 is None else cost1 - cost0
-        summaries = [bench.summarize(f"moeserve ({info['id']})", results, wall, cost)]
-    finally:
-        if server is not None:
-            server.__exit__(None, None, None)
-        if engine is not None:
-            engine.shutdown()
-
-    if baseline == "hf":
-        path = model or root
-        if not path:
-            raise MoeServeError("--baseline hf needs --model (the server does not say where its model is)")
-        console.print(f"running the plain transformers baseline on the same prompts for {duration:.0f} s ...")
-        hf_model = load_model(path, device=resolve_device(device))
-        hf_tok = load_tokenizer(path)
-        ordered = requests if workload != "closed" else requests[: len(results)]
-        res, wall = bench.hf_baseline(hf_model, hf_tok, ordered, duration)
-        if workload == "closed":  # no arrival times: service times, one request after the other
-            summaries.append(bench.summarize("transformers generate", res, wall))
-        else:  # the same arrivals, served one at a time: waits included
-            res, wall = bench.fifo_replay([r.arrival_s for r in ordered], res)
-            summaries.append(bench.summarize("transformers generate (FIFO)", res, wall))
-
+    report = run_bench(BenchOptions(url, model, plan, workload, rate, duration, concurrency, baseline, prompts, max_tokens,
+                                    max_batch, api_key, device, seed, plot_path,
+                                    ExpertCacheOptions(expert_cache, cache_policy, prefetch) if expert_cache else None),
+                       log=console.print)
+    summaries, rate = report.summaries, report.rate
     title = f"{workload}, {duration:.0f} s" + (f", {rate:.2f} req/s" if workload != "closed" else
                                                f", {concurrency} clients")
-    if plot_path is not None:
-        bench.plot(summaries, plot_path, title)
     if json_out:
-        emit_json({"url": url, "model": info["id"], "workload": workload, "rate": rate, "duration_s": duration,
+        emit_json({"url": report.url, "model": report.model, "workload": workload, "rate": rate, "duration_s": duration,
                    "concurrency": concurrency if workload == "closed" else None,
                    "results": [s.to_dict() for s in summaries],
-                   "plot": str(plot_path) if plot_path else None})
+                   "plot": str(plot_path) if plot_path else None, "expert_cache": report.expert_cache})
         return
     console.print(summary_table(title, summaries))
+    if report.expert_cache is not None:
+        console.print(cache_line(report.expert_cache, f"{expert_cache} per layer, {cache_policy}, prefetch {prefetch}"))
     for s in summaries:
         errors = [r.error for r in s.results if not r.ok]
         if errors:

@@ -8,22 +8,23 @@ import typer
 from rich.table import Table
 
 from moeserve.cli.app import app
-from moeserve.cli.common import console, emit_json, progress
+from moeserve.cli.common import ProgressTicks, console, emit_json
+from moeserve.cli.validate import NON_NEGATIVE, POSITIVE, number
 
 
 @app.command("finetune-router")
 def finetune_router_cmd(
     model: str = typer.Argument("demo", help="A local Hugging Face MoE directory, or 'demo'."),
     prompts: str = typer.Option("builtin:corpus", "--prompts", "-p", help="Training text: builtin:NAME, .jsonl, .txt."),
-    steps: int = typer.Option(200, "--steps", help="Optimiser steps."),
-    lr: float = typer.Option(3e-3, "--lr", help="AdamW learning rate for the router weights."),
-    reuse_weight: float = typer.Option(1.0, "--reuse-weight", help="Weight A of the expert-reuse term."),
-    kl_weight: float = typer.Option(0.1, "--kl-weight", help="Weight B of KL(original router || router)."),
-    lb_weight: float = typer.Option(0.0, "--lb-weight", help="Load-balancing loss weight (off by default)."),
+    steps: int = typer.Option(200, "--steps", min=1, help="Optimiser steps."),
+    lr: float = typer.Option(3e-3, "--lr", parser=POSITIVE, help="AdamW learning rate for the router weights."),
+    reuse_weight: float = typer.Option(1.0, "--reuse-weight", parser=NON_NEGATIVE, help="Weight A of the expert-reuse term."),
+    kl_weight: float = typer.Option(0.1, "--kl-weight", parser=NON_NEGATIVE, help="Weight B of KL(original router || router)."),
+    lb_weight: float = typer.Option(0.0, "--lb-weight", parser=NON_NEGATIVE, help="Load-balancing loss weight (off by default)."),
     window: int = typer.Option(1, "--window", min=1, help="Earlier tokens whose experts count as reusable."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Sequences per step."),
     seq_len: int = typer.Option(128, "--seq-len", min=8, help="Tokens per sequence."),
-    eval_fraction: float = typer.Option(0.2, "--eval-fraction", min=0.01, max=0.9, help="Documents held out."),
+    eval_fraction: float = typer.Option(0.2, "--eval-fraction", parser=number(low=0.01, high=0.9), help="Documents held out."),
     max_prompts: int | None = typer.Option(None, "--max-prompts", min=2, help="Use at most N documents."),
     out: Path = typer.Option(Path("router-finetuned"), "--out", "-o", help="Output model directory."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
@@ -39,24 +40,19 @@ def finetune_router_cmd(
 
     Example: moeserve finetune-router demo --prompts builtin:corpus --steps 300 --out demo-reuse --json
     """
-    from moeserve.errors import MoeServeError
-    from moeserve.finetune.pipeline import check_output_dir, finetune_router
+    from moeserve.finetune.pipeline import check_finetune_output, finetune_router
     from moeserve.finetune.router_training import RouterFinetuneConfig
     from moeserve.models.geometry import inspect_model
 
-    if steps <= 0:
-        raise MoeServeError("--steps must be positive")
     inspect_model(model, trust_remote_code=trust_remote_code)  # refuses dense models before any work
-    check_output_dir(out, force)
+    check_finetune_output(out, force)
 
     cfg = RouterFinetuneConfig(steps=steps, lr=lr, reuse_weight=reuse_weight, kl_weight=kl_weight,
                                lb_weight=lb_weight, window=window, batch_size=batch_size, seq_len=seq_len, seed=seed)
-    with progress(disable=json_out) as bar:
-        task = bar.add_task("router fine-tuning", total=steps, status="")
-
+    with ProgressTicks(disable=json_out) as tick:
         def on_step(step: int, rec: dict) -> None:
-            bar.update(task, completed=step, status=f"loss {rec['loss']:.2f} reuse {rec['reuse_mass']:.2f} "
-                       f"kl {rec['kl']:.3f} overlap {rec['overlap']:.0%}")
+            tick("router fine-tuning", step, steps, f"loss {rec['loss']:.2f} reuse {rec['reuse_mass']:.2f} "
+                 f"kl {rec['kl']:.3f} overlap {rec['overlap']:.0%}")
 
         report = finetune_router(model, prompts, out, cfg, eval_fraction=eval_fraction, max_prompts=max_prompts,
                                  device=device, force=force, trust_remote_code=trust_remote_code, on_step=on_step)

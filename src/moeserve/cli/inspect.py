@@ -7,15 +7,17 @@ from rich.table import Table
 
 from moeserve.cli.app import app
 from moeserve.cli.common import console, emit_json
+from moeserve.units import mib
 
 
 def _mib(n: float) -> str:
-    return f"{n / 2**20:,.2f} MiB"
+    return f"{mib(n):,.2f} MiB"
 
 
 @app.command("inspect")
 def inspect_cmd(
-    model: str = typer.Argument("demo", help="A local Hugging Face model directory, or 'demo'."),
+    model: str = typer.Argument("demo", help="A local Hugging Face model directory (config.json is enough), 'demo' "
+                                "or a shipped model card (qwen3-30b-a3b, deepseek-v3, ...; docs/inspect.md)."),
     json_out: bool = typer.Option(False, "--json", help="Print the geometry as JSON on stdout."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code."),
 ) -> None:
@@ -23,13 +25,14 @@ def inspect_cmd(
 
     Reads only config.json (the weights are not loaded).
 
-    Example: moeserve inspect demo --json
+    Example: moeserve inspect qwen3-30b-a3b --json
     """
     from moeserve.models.geometry import inspect_model
 
     g = inspect_model(model, trust_remote_code=trust_remote_code)
+    card = g.extra.get("card")
     if json_out:
-        emit_json({"model": model, **g.to_dict()})
+        emit_json({"model": model, **g.to_dict(), "card": card})
         return
     t = Table(title=f"{model}: {g.architecture}", show_header=False)
     rows = [
@@ -52,6 +55,8 @@ def inspect_cmd(
         ("all routed experts", f"{g.expert_params:,} params, {_mib(g.all_expert_bytes)}"),
         ("KV cache / token", f"{g.kv_bytes_per_token:,} B" + (f" ({g.kv_note})" if g.kv_note else "")),
     ]
+    if card:
+        rows.append(("model card", f"{card['model_id']}: config written from {card['source_url']} (no weights)"))
     for k, v in rows:
         t.add_row(k, v)
     console.print(t)

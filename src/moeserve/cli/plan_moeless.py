@@ -1,4 +1,4 @@
-"""The `--strategy moeless` branch of `moeserve plan` (option parsing lives in cli/plan.py)."""
+"""The report of `moeserve plan --strategy moeless` (the command itself lives in cli/plan.py)."""
 
 from __future__ import annotations
 
@@ -9,28 +9,12 @@ from rich.table import Table
 from moeserve.cli.common import console, emit_json
 
 
-def plan_moeless_cmd(trace_path: Path, trace, geometry, hardware: str, gpus: int, replica_budget: int | None,
-                     keep_alive: float, out: Path, json_out: bool, window_s: float, pricing: list[str]) -> None:
-    from moeserve.hardware import load_hardware_profile
-    from moeserve.moeless.deployment import fleet_for, plan_moeless_from_trace
-    from moeserve.planning.pricing import load_pricing
-    from moeserve.workloads import load_arrivals
-
-    profile = load_hardware_profile(hardware)
-    from moeserve.planning.from_profiles import linear_latency
-
-    curve = profile.expert_curve(device="cpu", dtype="float32")
-    fit = linear_latency(curve.tokens, curve.seconds)  # least squares, clipped to non-negative
-    prices = load_pricing(*pricing)
-    extra = geometry.num_experts // 4 if replica_budget is None else replica_budget
-    fleet = fleet_for(geometry, gpus, extra, fit.fixed_s, fit.per_token_s, prices.cpu.usd_per_gb_second)
-    plan, report = plan_moeless_from_trace(
-        trace_path, trace, geometry, fleet, extra, load_arrivals("azure-conv").arrival_s, window_s, keep_alive,
-        {"hardware": profile.name, "pricing": list(pricing), "devices": gpus, "replica_budget": extra,
-         "arrivals": "azure-conv"})
-    plan.save(out)
+def show_moeless_report(plan, report: dict, out: Path, json_out: bool) -> None:
+    """The MoEless plan's comparison with EPLB, as a table or JSON."""
+    gpus, extra = report["devices"], report["extra_replicas"]
     if json_out:
-        emit_json({"plan": str(out), "strategy": "moeless", **report})
+        emit_json({"plan": str(out) if out else None, **({} if out else {"plan_yaml": plan.to_yaml()}),
+                   "strategy": "moeless", **report})
         return
     t = Table(title=f"MoEless vs EPLB: {gpus} devices, {extra} extra replicas per layer, {report['windows']} windows")
     for col in ("strategy", "MoE time / window s", "balancedness", "replicas created", "moved", "cost $"):
@@ -40,7 +24,21 @@ def plan_moeless_cmd(trace_path: Path, trace, geometry, hardware: str, gpus: int
                   f"{s.get('replicas_created', 0):.0f}", f"{s.get('replicas_moved', 0):.0f}", f"{s.get('cost', 0):.3g}")
     console.print(t)
     p = report["predictor"]
+    bt = report["bottleneck_time_planned_s"]
     console.print(f"predictor WAPE {sum(p['wape']) / len(p['wape']):.3f} vs moving average "
-                  f"{sum(p['wape_moving_average']) / len(p['wape_moving_average']):.3f}; planned balancedness "
-                  f"MoEless {report['balancedness_planned']['moeless']:.3f}, EPLB {report['balancedness_planned']['eplb']:.3f}")
+                  f"{sum(p['wape_moving_average']) / len(p['wape_moving_average']):.3f}; planned with the measured "
+                  f"latency curve: slowest-device time MoEless {bt['moeless']:.3g} s vs EPLB {bt['eplb']:.3g} s, token "
+                  f"balancedness MoEless {report['balancedness_planned']['moeless']:.3f}, EPLB "
+                  f"{report['balancedness_planned']['eplb']:.3f} (MoEless minimises time, not tokens)")
+    tm = report["token_model_every_window"]
+    console.print(f"balancedness at EPLB's {report['slots_per_device']} slots per device, every window and layer "
+                  f"(token model): MoEless {tm['moeless_mean']:.4f} vs EPLB {tm['eplb_mean']:.4f}, MoEless worse in "
+                  f"{tm['moeless_worse']} of {tm['cases']}, better in {tm['moeless_better']}")
+    h = report.get("hierarchical")
+    if h:
+        console.print(f"hierarchical ({h['nodes']} nodes, {h['groups']} groups): MoEless {h['moeless_mean']:.4f} vs "
+                      f"EPLB {h['eplb_mean']:.4f}, worse in {h['moeless_worse']} of {h['cases']}, better in "
+                      f"{h['moeless_better']}")
+    for note in report.get("notes", []):
+        console.print(f"note: {note}")
     console.print(f"wrote {out}: {len(plan.functions)} expert functions")

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
-from moeserve.atomic import atomic_path
+from moeserve.atomic import atomic_dir, check_output_dir
 from moeserve.errors import MoeServeError
 from moeserve.finetune.data import batches, split_documents, token_windows
 from moeserve.finetune.report import compare_runs, run_held_out
 from moeserve.finetune.router_training import RouterFinetuneConfig, router_parameters, train_router
 from moeserve.models.adapter import require_moe_layers
+from moeserve.models.geometry import geometry_of
+from moeserve.models.loading import load_config, load_model, load_tokenizer, resolve_device
+from moeserve.workloads import load_prompts
 
 
 def tensor_hashes(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, str]:
@@ -28,14 +31,12 @@ def tensor_hashes(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, str]:
     return out
 
 
-def check_output_dir(out: Path, force: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise MoeServeError(f"output {out} already exists and is not empty (use --force to replace it)")
-    parent = out.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise MoeServeError(f"output directory {out} is not writable")
+REPORT_NAME = "finetune-report.json"  # also the marker of a directory moeserve wrote (--force may replace it)
+
+
+def check_finetune_output(out: Path, force: bool) -> Path:
+    """Refuse an unusable output directory before any work (see atomic.check_output_dir)."""
+    return check_output_dir(out, REPORT_NAME, force, what="output directory")
 
 
 def finetune_router(
@@ -45,14 +46,10 @@ def finetune_router(
 ) -> dict:
     """Fine-tune `model_spec`'s routers on text from `prompts_source`; write a full model directory,
     the router weights alone (router.safetensors) and finetune-report.json to `out` atomically."""
-    from safetensors.torch import save_file
 
-    from moeserve.models.geometry import geometry_of
-    from moeserve.models.loading import load_config, load_model, load_tokenizer, resolve_device
-    from moeserve.workloads import load_prompts
 
     out = Path(out)
-    check_output_dir(out, force)
+    check_finetune_output(out, force)
     if cfg.steps <= 0:
         raise MoeServeError("--steps must be positive")
     config = load_config(model_spec, trust_remote_code=trust_remote_code)
@@ -77,7 +74,7 @@ def finetune_router(
     t0 = time.perf_counter()
     history = train_router(model, batches(train_windows, cfg.batch_size, cfg.seed), cfg, on_step=on_step)
     train_s = time.perf_counter() - t0
-    with atomic_path(out) as tmp:
+    with atomic_dir(out, REPORT_NAME, force) as tmp:
         model.to(saved_dtype).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         module_names = {f"layers.{layer.index}.router": layer.router for layer in layers}
@@ -100,6 +97,6 @@ def finetune_router(
             "frozen_tensors_verified": len(hashes_before) - len(changed), "router_tensors_changed": sorted(changed),
             "saved_dtype": str(saved_dtype).removeprefix("torch."),
         })
-        (tmp / "finetune-report.json").write_text(json.dumps(report, indent=2))
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
     return report
 

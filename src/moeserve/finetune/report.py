@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from moeserve.cache import simulate_cache
 from moeserve.models.adapter import require_moe_layers
 from moeserve.traces.capture import RoutingCapture, stack_layers
 from moeserve.traces.stats import consecutive_overlap
@@ -56,7 +57,6 @@ def compare_runs(before: HeldOutRun, after: HeldOutRun, num_experts: int, top_k:
                  expert_bytes: int = 0) -> dict:
     """The report: overlap per layer, LRU/Belady hit rates at C = k, 2k, 4k, perplexity per domain,
     greedy next-token agreement; each before and after."""
-    from moeserve.cache import simulate_cache
 
     report: dict = {"overlap": {}, "cache": [], "perplexity": {}, "next_token_agreement": None}
     for name, run in (("before", before), ("after", after)):

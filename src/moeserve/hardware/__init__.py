@@ -1,6 +1,7 @@
 """Hardware profiles: what each piece of MoE serving work costs on a machine class (docs/profiles.md)."""
 
 from moeserve.hardware.fit import CurveFit, fit_curve
+from moeserve.hardware.measure import measure_hardware
 from moeserve.hardware.profile_io import available_hardware_profiles, load_hardware_profile, save_profile
 from moeserve.hardware.schema import SCHEMA_VERSION, HardwareProfile
 
@@ -15,11 +16,3 @@ __all__ = [
     "save_profile",
 ]
 
-
-def __getattr__(name):
-    # measuring imports torch; reading a profile should not have to
-    if name == "measure_hardware":
-        from moeserve.hardware.measure import measure_hardware
-
-        return measure_hardware
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from moeserve.hardware.timing import time_calls_s, torch_threads
+from moeserve.hardware.timing import Timing, time_calls, torch_threads
 
 
 def swiglu_expert(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -29,8 +29,8 @@ def expert_weights(hidden_size: int, intermediate_size: int, dtype: torch.dtype,
 def measure_expert_latency(hidden_size: int, intermediate_size: int, token_counts: Sequence[int],
                            dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                            threads: int | None = None, repeats: int = 20, warmup: int = 3,
-                           progress: Callable[[int], None] | None = None) -> list[float]:
-    """Median seconds of one expert forward for each count in `token_counts` ([N] -> [N]).
+                           progress: Callable[[int], None] | None = None) -> list[Timing]:
+    """Timing of one expert forward for each count in `token_counts` ([N] -> [N]).
 
     threads: CPU intra-op threads for the measurement (restored afterwards); ignored on CUDA.
     progress: optional callable(tokens) for each point once it is measured.
@@ -41,7 +41,7 @@ def measure_expert_latency(hidden_size: int, intermediate_size: int, token_count
     inputs = [torch.randn(int(t), hidden_size, generator=g).to(device=device, dtype=dtype) for t in token_counts]
     calls = [lambda x=x: swiglu_expert(x, gate, up, down) for x in inputs]
     with torch.inference_mode(), torch_threads(threads if device.type == "cpu" else None):
-        seconds = time_calls_s(calls, device, repeats, warmup)
+        seconds = time_calls(calls, device, repeats, warmup)
     if progress is not None:
         for tokens in token_counts:
             progress(int(tokens))

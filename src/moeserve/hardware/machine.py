@@ -10,6 +10,7 @@ from pathlib import Path
 
 import psutil
 import torch
+import transformers
 
 from moeserve.hardware.schema import GpuInfo, MachineInfo
 
@@ -72,10 +73,14 @@ def _torch_gpus() -> tuple[GpuInfo, ...]:
     )
 
 
+def detected_gpus() -> tuple[GpuInfo, ...]:
+    """This machine's GPUs (NVML, else torch); () without one."""
+    return nvml_gpus() or _torch_gpus()
+
+
 def describe_machine() -> MachineInfo:
     """This machine, now."""
     try:
-        import transformers
 
         transformers_version = transformers.__version__
     except ImportError:
@@ -84,7 +89,7 @@ def describe_machine() -> MachineInfo:
         cpu_model=cpu_model(),
         cpu_cores=available_cpus(),
         ram_bytes=int(psutil.virtual_memory().total),
-        gpus=nvml_gpus() or _torch_gpus(),
+        gpus=detected_gpus(),
         torch_version=str(torch.__version__),
         transformers_version=transformers_version,
         python_version=platform.python_version() or sys.version.split()[0],

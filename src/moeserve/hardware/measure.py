@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
+import resource
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import psutil
 import torch
 
@@ -22,6 +27,7 @@ from moeserve.hardware.schema import (
     ExpertSection,
     HardwareProfile,
     MachineInfo,
+    MeasurementConditions,
     ModuleMemory,
     NonExpertCurve,
     NonExpertSection,
@@ -29,6 +35,7 @@ from moeserve.hardware.schema import (
 )
 from moeserve.hardware.timing import torch_threads
 from moeserve.hardware.transport import measure_transport
+from moeserve.models.adapter import expert_weights, require_moe_layers
 
 DEFAULT_TOKEN_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DEFAULT_PREFILL_LENGTHS = (16, 64, 256)
@@ -68,7 +75,6 @@ def _rounded_points(seconds: Sequence[float]) -> tuple[float, ...]:
 
 def model_module_bytes(model) -> dict[str, int]:
     """non_expert_bytes / expert_bytes (one routed expert) / all_experts_bytes of a loaded MoE model."""
-    from moeserve.models.adapter import expert_weights, require_moe_layers
 
     layers = require_moe_layers(model, type(model).__name__)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -144,16 +150,20 @@ def measure_hardware(
             progress(label, done, total)
 
     machine = describe_machine()
-    curves = []
+    load_before = os.getloadavg()[0]
+    cpu_before = cpu_time_snapshot()
+    curves, spreads = [], []
     for tdtype, dname in zip(torch_dtypes, dtypes, strict=True):
         for dev, threads in expert_runs:
             where = f"{dev}" + (f" x{threads} threads" if threads else "")
-            seconds = measure_expert_latency(
+            timings = measure_expert_latency(
                 hidden_size, intermediate_size, token_counts, tdtype, dev, threads, repeats,
                 progress=lambda t, where=where, dname=dname: step(f"expert {dname} {where}, {t} tokens"))
-            seconds = _rounded_points(seconds)
+            seconds = _rounded_points([t.best_s for t in timings])
+            spreads += [t.spread for t in timings]
             curves.append(ExpertCurve(device=dev, threads=threads, dtype=dname, tokens=tuple(token_counts),
-                                      seconds=seconds, fit=rounded(fit_curve(token_counts, seconds))))
+                                      seconds=seconds, fit=rounded(fit_curve(token_counts, seconds)),
+                                      spread=tuple(round(t.spread, 3) for t in timings)))
 
     non_expert = None
     if model is not None:
@@ -166,15 +176,18 @@ def measure_hardware(
         common = dict(device=param.device.type, threads=threads, dtype=_dtype_name(param.dtype))
         prefill = _rounded_points(timing.prefill_s)
         decode = _rounded_points(timing.decode_s)
+        spreads += list(timing.prefill_spread) + list(timing.decode_spread)
         non_expert = NonExpertSection(
             model=type(model).__name__,
             num_layers=timing.num_layers,
             curves=(
                 NonExpertCurve(phase="prefill", x=timing.prefill_lengths, seconds_per_layer=prefill,
-                               fit=rounded(fit_curve(timing.prefill_lengths, prefill)), **common),
+                               fit=rounded(fit_curve(timing.prefill_lengths, prefill)),
+                               spread=tuple(round(v, 3) for v in timing.prefill_spread), **common),
                 NonExpertCurve(phase="decode", x=timing.decode_batches, seconds_per_layer=decode,
                                fit=rounded(fit_curve(timing.decode_batches, decode)),
-                               context_len=timing.context_len, **common),
+                               context_len=timing.context_len,
+                               spread=tuple(round(v, 3) for v in timing.decode_spread), **common),
             ),
         )
 
@@ -206,6 +219,8 @@ def measure_hardware(
     memory = ModuleMemory(**{k: int(v) for k, v in sizes.items()},
                           process_rss_bytes=int(psutil.Process().memory_info().rss))
 
+    conditions = measurement_conditions(machine.cpu_cores, max(thread_counts), load_before, os.getloadavg()[0],
+                                        spreads, other_cpus(cpu_before, cpu_time_snapshot()))
     return HardwareProfile(
         name=name or default_profile_name(machine),
         source=source or "measured on this machine by moeserve.hardware.measure_hardware",
@@ -217,4 +232,76 @@ def measure_hardware(
         copy=tuple(copies),
         transport=transport,
         memory=memory,
+        conditions=conditions,
     )
+
+
+# A figure is unreliable when other work loaded the machine (its load average beyond the CPUs the
+# measurement did not use, or other processes' CPU time during it) or when the repeats spread widely
+# (the median point's p90 over its fastest).
+LOAD_MARGIN = 0.5  # extra load average tolerated beyond the CPUs left free by the measurement
+SPREAD_LIMIT = 0.5  # median spread above which the machine was visibly busy
+OTHER_CPU_LIMIT = 0.5  # CPUs' worth of other processes' work, on average, while measuring
+
+
+@dataclass(frozen=True)
+class CpuTimes:
+    """Seconds of CPU work: the whole machine's (all processes, /proc/stat; None where unreadable) and this
+    process's own, at one wall-clock instant."""
+
+    wall_s: float
+    machine_busy_s: float | None
+    own_s: float
+
+
+def cpu_time_snapshot(stat_path: str = "/proc/stat") -> CpuTimes:
+    """The machine's busy CPU seconds (user+nice+system+irq+softirq+steal) and this process's CPU seconds
+    (with its reaped children's)."""
+    busy = None
+    try:
+        with open(stat_path) as f:
+            fields = f.readline().split()
+        if fields and fields[0] == "cpu":
+            ticks = [int(v) for v in fields[1:9]]
+            busy = (sum(ticks[:3]) + sum(ticks[5:8])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        busy = None
+    # the measurement's own work includes its finished children (the transport echo peer it spawns)
+    own = sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
+    return CpuTimes(time.monotonic(), busy, own)
+
+
+def other_cpus(before: CpuTimes, after: CpuTimes) -> float | None:
+    """CPUs' worth of work other processes did between two snapshots, on average (None where unknown)."""
+    wall = after.wall_s - before.wall_s
+    if before.machine_busy_s is None or after.machine_busy_s is None or wall <= 0:
+        return None
+    others = (after.machine_busy_s - before.machine_busy_s) - (after.own_s - before.own_s)
+    return max(others, 0.0) / wall
+
+
+def measurement_conditions(cpus: int, threads_used: int, load_before: float, load_after: float,
+                           spreads: Sequence[float], other_cpus: float | None = None) -> MeasurementConditions:
+    """Judge a measurement: loads are 1-minute load averages, spreads the per-point p90 / fastest - 1,
+    other_cpus the average CPUs other processes kept busy while it ran (a direct reading, unlike the
+    load average, which lags by a minute; None where /proc/stat is unreadable, and then the load judges)."""
+    spreads = [float(v) for v in spreads] or [0.0]
+    median_spread = float(np.median(spreads))
+    allowed = max(cpus - threads_used, 0) + LOAD_MARGIN
+    # the measurement itself adds up to `threads_used` to the load: what is beyond it is other work
+    other = max(load_before, load_after - threads_used)
+    reasons = []
+    # the load average lags by a minute and counts our own earlier work (profile's capture just before the
+    # measurement): it judges only where the direct reading of other processes' CPU time is unavailable
+    if other_cpus is None and other > allowed:
+        reasons.append(f"the machine was loaded by other work (1-minute load {max(load_before, load_after):.1f} "
+                       f"on {cpus} CPUs, {threads_used} used by the measurement)")
+    if other_cpus is not None and other_cpus > OTHER_CPU_LIMIT:
+        reasons.append(f"other processes kept {other_cpus:.1f} of {cpus} CPUs busy during the measurement")
+    if median_spread > SPREAD_LIMIT:
+        reasons.append(f"repeats spread widely (median p90/fastest {1 + median_spread:.2f}x)")
+    return MeasurementConditions(cpus=cpus, load_before=round(load_before, 2), load_after=round(load_after, 2),
+                                 median_spread=round(median_spread, 3), max_spread=round(max(spreads), 3),
+                                 unreliable=bool(reasons), reasons=tuple(reasons),
+                                 other_cpus=None if other_cpus is None else round(other_cpus, 2))

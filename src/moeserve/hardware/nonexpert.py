@@ -14,7 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from moeserve.errors import MoeServeError
-from moeserve.hardware.timing import time_calls_s
+from moeserve.hardware.timing import time_calls
+from moeserve.models import experts_interface
+from moeserve.models.adapter import decoder_layers, moe_layers, text_config
+from moeserve.models.cache_names import cache_kwarg, output_cache
 
 NULL_EXPERTS = "moeserve_null"
 
@@ -34,39 +37,21 @@ def _null_experts(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, 
     return torch.zeros_like(hidden_states)
 
 
-def register_null_experts() -> None:
-    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-
-    ALL_EXPERTS_FUNCTIONS.register(NULL_EXPERTS, _null_experts)
-
-
 @contextlib.contextmanager
 def null_experts(model) -> Iterator[None]:
     """Run `model` with zero-cost routed experts inside the block; its experts implementation is restored
     after. MoeServeError if the model's experts do not dispatch through the experts interface."""
-    register_null_experts()
-    if hasattr(model, "set_experts_implementation"):
-        before = model.get_experts_implementation()
-        model.set_experts_implementation(NULL_EXPERTS)
-        restore = lambda: model.set_experts_implementation(before)  # noqa: E731
-    else:  # older transformers: the config attribute is what the experts read
-        before = model.config._experts_implementation
-        model.config._experts_implementation = NULL_EXPERTS
-        restore = lambda: setattr(model.config, "_experts_implementation", before)  # noqa: E731
-    try:
+    experts_interface.register(NULL_EXPERTS, _null_experts)
+    with experts_interface.using(model, NULL_EXPERTS):
         yield
-    finally:
-        restore()
 
 
 def _num_layers(model) -> int:
-    from moeserve.models.adapter import decoder_layers
 
     return len(decoder_layers(model))
 
 
 def _vocab_size(model) -> int:
-    from moeserve.models.adapter import text_config
 
     return int(text_config(model).vocab_size)
 
@@ -79,7 +64,8 @@ def _crop_last_token(cache) -> None:
 
 @dataclass(frozen=True)
 class NonExpertTiming:
-    """prefill_lengths: [P], prefill_s: [P]; decode_batches: [D], decode_s: [D]; seconds per layer."""
+    """prefill_lengths: [P], prefill_s: [P]; decode_batches: [D], decode_s: [D]; seconds per layer (the fastest
+    repeat); *_spread: p90 / fastest - 1 per point."""
 
     num_layers: int
     prefill_lengths: tuple[int, ...]
@@ -87,6 +73,8 @@ class NonExpertTiming:
     decode_batches: tuple[int, ...]
     decode_s: tuple[float, ...]
     context_len: int
+    prefill_spread: tuple[float, ...] = ()
+    decode_spread: tuple[float, ...] = ()
 
 
 def measure_non_expert(model, prefill_lengths=(16, 64, 256), decode_batches=(1, 2, 4, 8, 16, 32),
@@ -108,24 +96,26 @@ def measure_non_expert(model, prefill_lengths=(16, 64, 256), decode_batches=(1, 
     with torch.inference_mode(), null_experts(model):
         before = _counter.calls
         model(input_ids=tokens(1, 2), use_cache=False)
-        if _counter.calls == before:
+        if _counter.calls == before and moe_layers(model):
             raise MoeServeError(f"{type(model).__name__}: its experts do not dispatch through transformers' "
                                 "experts interface, so their cost cannot be removed from the measurement")
         # logits_to_keep=1: serving needs the last position's logits only
         prefill_calls = [lambda ids=tokens(1, n): model(input_ids=ids, use_cache=False, logits_to_keep=1)
                          for n in prefill_lengths]
-        prefill_s = [t / num_layers for t in time_calls_s(prefill_calls, device, repeats, warmup)]
+        prefill = time_calls(prefill_calls, device, repeats, warmup)
+        prefill_s = [t.best_s / num_layers for t in prefill]
         for n in prefill_lengths:
             if progress is not None:
                 progress(f"non-expert prefill, {n} tokens")
         decode_calls, drop_new_tokens = [], []
         for batch in decode_batches:
-            cache = model(input_ids=tokens(batch, context_len), use_cache=True, logits_to_keep=1).past_key_values
+            cache = output_cache(model(input_ids=tokens(batch, context_len), use_cache=True, logits_to_keep=1))
             step = tokens(batch, 1)
-            decode_calls.append(lambda cache=cache, step=step: model(input_ids=step, past_key_values=cache,
+            decode_calls.append(lambda cache=cache, step=step: model(input_ids=step, **{cache_kwarg(model): cache},
                                                                      use_cache=True))
             drop_new_tokens.append(lambda cache=cache: _crop_last_token(cache))
-        decode_s = [t / num_layers for t in time_calls_s(decode_calls, device, repeats, warmup, drop_new_tokens)]
+        decode = time_calls(decode_calls, device, repeats, warmup, drop_new_tokens)
+        decode_s = [t.best_s / num_layers for t in decode]
         for batch in decode_batches:
             if progress is not None:
                 progress(f"non-expert decode, batch {batch}")
@@ -136,4 +126,6 @@ def measure_non_expert(model, prefill_lengths=(16, 64, 256), decode_batches=(1, 
         decode_batches=tuple(int(v) for v in decode_batches),
         decode_s=tuple(decode_s),
         context_len=int(context_len),
+        prefill_spread=tuple(t.spread for t in prefill),
+        decode_spread=tuple(t.spread for t in decode),
     )

@@ -10,40 +10,19 @@ import yaml
 from moeserve.atomic import write_text_atomic
 from moeserve.errors import MoeServeError
 from moeserve.hardware.schema import HardwareProfile, profile_from_dict
+from moeserve.shipped import resolve_shipped, shipped_names
 
 _HEADER = "# moeserve hardware profile (schema: docs/profiles.md)\n"
 
 
-def shipped_profile_dirs() -> list[Path]:
-    """Where shipped profiles live: the repo's profiles/hardware (source checkout) and the wheel's copy."""
-    package = Path(__file__).resolve().parent.parent  # .../moeserve
-    return [package.parent.parent / "profiles" / "hardware", package / "_profiles" / "hardware"]
-
-
 def available_hardware_profiles() -> list[str]:
     """Names of the shipped profiles (file stems), sorted."""
-    names = set()
-    for d in shipped_profile_dirs():
-        if d.is_dir():
-            names.update(p.stem for p in d.glob("*.yaml"))
-    return sorted(names)
+    return shipped_names("hardware")
 
 
 def resolve_profile_path(path_or_name: str | os.PathLike) -> Path:
     """A path to a YAML file, or a bare shipped-profile name like `a100-80gb`."""
-    text = str(path_or_name)
-    path = Path(text).expanduser()
-    looks_like_path = os.sep in text or text.endswith((".yaml", ".yml")) or path.exists()
-    if looks_like_path:
-        if not path.is_file():
-            raise MoeServeError(f"hardware profile not found: {path}")
-        return path
-    for d in shipped_profile_dirs():
-        candidate = d / f"{text}.yaml"
-        if candidate.is_file():
-            return candidate
-    names = ", ".join(available_hardware_profiles()) or "none"
-    raise MoeServeError(f"unknown hardware profile {text!r} (shipped: {names}; or give a path to a .yaml file)")
+    return resolve_shipped(path_or_name, "hardware", "hardware profile")
 
 
 class _Dumper(yaml.SafeDumper):
@@ -65,6 +44,11 @@ def profile_to_yaml(profile: HardwareProfile) -> str:
 def save_profile(profile: HardwareProfile, path: str | os.PathLike) -> None:
     """Write `profile` to `path` as YAML, atomically."""
     write_text_atomic(path, profile_to_yaml(profile))
+
+
+def write_profile(profile: HardwareProfile, path: str | os.PathLike) -> None:
+    """Write the YAML at `path` as it is (callers make it atomic: `save_profile`, `atomic.OutputSet`)."""
+    Path(path).write_text(profile_to_yaml(profile))
 
 
 def load_hardware_profile(path_or_name: str | os.PathLike) -> HardwareProfile:

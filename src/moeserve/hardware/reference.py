@@ -26,13 +26,13 @@ from moeserve.hardware.schema import (
     MachineInfo,
     TransportCurve,
 )
+from moeserve.units import GIB
 
-GiB = 1 << 30
 TiB = 1 << 40
 
 A100_SXM4_80GB = Datasheet(
     gpu_name="NVIDIA A100-SXM4-80GB",
-    gpu_memory_bytes=80 * GiB,
+    gpu_memory_bytes=80 * GIB,
     gpu_memory_bandwidth_bytes_per_s=2.039e12,
     dense_tflops={"float32": 19.5, "tf32": 156.0, "bfloat16": 312.0, "float16": 312.0},
     host_link="PCIe 4.0 x16",
@@ -42,7 +42,7 @@ A100_SXM4_80GB = Datasheet(
 
 H100_SXM5_80GB = Datasheet(
     gpu_name="NVIDIA H100 80GB HBM3 (SXM5)",
-    gpu_memory_bytes=80 * GiB,
+    gpu_memory_bytes=80 * GIB,
     gpu_memory_bandwidth_bytes_per_s=3.35e12,
     dense_tflops={"float32": 66.9, "tf32": 494.7, "bfloat16": 989.4, "float16": 989.4, "float8": 1978.9},
     host_link="PCIe 5.0 x16",
@@ -164,3 +164,10 @@ def datasheet_for_gpu(gpu_name: str) -> Datasheet | None:
     if "H100" in name and ("SXM" in name or "HBM3" in name):
         return H100_SXM5_80GB
     return None
+
+
+def reference_name_for_gpu(gpu_name: str) -> str | None:
+    """The shipped reference profile (a key of REFERENCE_HOSTS) of a GPU from its NVML/torch name; None for a
+    GPU moeserve has no datasheet for."""
+    sheet = datasheet_for_gpu(gpu_name)
+    return next((name for name, host in REFERENCE_HOSTS.items() if host["datasheet"] is sheet), None)

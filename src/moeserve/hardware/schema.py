@@ -19,7 +19,7 @@ from moeserve.errors import MoeServeError
 from moeserve.hardware.fit import CurveFit
 
 SCHEMA_VERSION = 1
-METHODS = ("measured", "datasheet", "estimated")
+METHODS = ("measured", "datasheet", "estimated", "extrapolated")
 DEVICES = ("cpu", "cuda")
 PHASES = ("prefill", "decode")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -82,7 +82,8 @@ class Datasheet:
 class ExpertCurve:
     """Latency of one SwiGLU expert, y = down(silu(gate x) * up x), vs tokens routed to it.
 
-    tokens: [N], seconds: [N] (median over repeats). threads: CPU intra-op threads (None on CUDA).
+    tokens: [N], seconds: [N] (the fastest of the repeats; profiles before 0.2 kept the median), spread:
+    [N] p90 / fastest - 1 per point (empty in older profiles). threads: CPU intra-op threads (None on CUDA).
     """
 
     device: str
@@ -92,6 +93,7 @@ class ExpertCurve:
     seconds: tuple[float, ...]
     fit: CurveFit
     method: str = "measured"
+    spread: tuple[float, ...] = ()
 
     def __post_init__(self):
         what = f"expert curve ({self.device}, {self.threads} threads, {self.dtype})"
@@ -127,6 +129,7 @@ class NonExpertCurve:
     fit: CurveFit
     context_len: int | None = None
     method: str = "measured"
+    spread: tuple[float, ...] = ()  # p90 / fastest - 1 per point
 
     def __post_init__(self):
         what = f"non-expert {self.phase} curve"
@@ -191,6 +194,25 @@ class TransportCurve:
 
 
 @dataclass(frozen=True)
+class MeasurementConditions:
+    """How quiet the machine was while the profile was measured, and whether its figures can be trusted.
+
+    load_*: 1-minute load average before and after; other_cpus: other processes' CPU time over the
+    measurement's wall time; max_spread / median_spread over every measured point
+    (p90 / fastest - 1); unreliable with the reasons when the load exceeded the CPUs the measurement had to
+    itself or the repeats spread widely (the fastest repeat is kept, but under load even it is slow)."""
+
+    cpus: int
+    load_before: float
+    load_after: float
+    median_spread: float
+    max_spread: float
+    unreliable: bool
+    reasons: tuple[str, ...] = ()
+    other_cpus: float | None = None  # CPUs other processes kept busy, on average (None: unknown, or before 0.2)
+
+
+@dataclass(frozen=True)
 class ModuleMemory:
     """Bytes of the model's parts (given by the model adapter) and the measuring process's RSS."""
 
@@ -214,6 +236,7 @@ class HardwareProfile:
     copy: tuple[CopyCurve, ...] = ()
     transport: TransportCurve | None = None
     memory: ModuleMemory = field(default_factory=ModuleMemory)
+    conditions: MeasurementConditions | None = None  # None: a reference profile, or one measured before 0.2
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self):
@@ -287,12 +310,6 @@ class HardwareProfile:
         data = _to_plain(self)
         first = ("schema_version", "name", "source", "notes", "machine", "datasheet")
         return {**{k: data.pop(k) for k in first}, **data}
-
-    def save(self, path) -> None:
-        """Write the profile as YAML, atomically."""
-        from moeserve.hardware.profile_io import save_profile
-
-        save_profile(self, path)
 
 
 def _zero_where_empty(t, n):

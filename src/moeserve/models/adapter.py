@@ -10,59 +10,23 @@ and exposes per-expert weight views in the plain `nn.Linear` orientation, whatev
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import copy
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from transformers.integrations.moe import _default_apply_gate
 
 from moeserve.errors import MoeServeError
-from moeserve.models.routing import RoutingRule, routing_rule
+from moeserve.models.expert_ffn import ExpertLayout, ExpertWeights, expert_forward, split_gate_up
+from moeserve.models.routing import RoutingRule, fit_rule
 
 _BLOCK_NAMES = ("mlp", "block_sparse_moe", "feed_forward", "moe")
 _ROUTER_NAMES = ("gate", "router")
-_SHARED_NAMES = ("shared_expert", "shared_experts")
-
-
-@dataclass(frozen=True)
-class ExpertLayout:
-    """How an experts module stores its fused weights, and the expert's activation.
-
-    activation: a transformers ACT2FN name for gated (GLU) or plain experts, or "gptoss_swiglu"
-        (GPT-OSS: clamped gate/up, gate * sigmoid(alpha * gate) * (up + 1)).
-    """
-
-    has_gate: bool
-    is_transposed: bool
-    is_concatenated: bool
-    has_bias: bool
-    activation: str
-    swiglu_alpha: float | None = None
-    swiglu_limit: float | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class ExpertWeights:
-    """One expert's weights, `nn.Linear` orientation (views into the fused tensors where possible).
-
-    gate: [I, H] or None (ungated experts), up: [I, H], down: [H, I]; biases [I], [I], [H] or None.
-    """
-
-    gate: torch.Tensor | None
-    up: torch.Tensor
-    down: torch.Tensor
-    gate_bias: torch.Tensor | None = None
-    up_bias: torch.Tensor | None = None
-    down_bias: torch.Tensor | None = None
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+_SHARED_NAMES = ("shared_expert", "shared_experts", "shared_mlp")
+_TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_k", "moe_topk", "top_k_experts", "moe_top_k")
+_PROBE_TOKENS = 64
+_RULE_ATTR = "_moeserve_routing_rule"
 
 
 @dataclass
@@ -85,6 +49,13 @@ class MoELayer:
     @property
     def path(self) -> str:
         return f"layers.{self.index}"
+
+    def selection_bias(self) -> torch.Tensor | None:
+        """The [E] bias added to the scores only to choose the experts (DeepSeek-V3's
+        e_score_correction_bias, wherever the block keeps it), when the rule has one."""
+        if self.rule.bias != "selection":
+            return None
+        return _selection_bias(self.block, self.router, self.experts, self.num_experts)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -110,15 +81,138 @@ def _is_experts(module: nn.Module) -> bool:
 
 
 def _find_block(layer: nn.Module) -> nn.Module | None:
-    for name in _BLOCK_NAMES:
-        block = getattr(layer, name, None)
+    """The child of a decoder layer holding an experts module (the usual names first, then any child, then
+    the layer itself: Gemma 4 keeps its router and experts on the decoder layer)."""
+    named = [getattr(layer, n, None) for n in _BLOCK_NAMES] + [c for _, c in layer.named_children()] + [layer]
+    for block in named:
         if block is not None and _is_experts(getattr(block, "experts", nn.Identity())):
             return block
     return None
 
 
+def _find_router(block: nn.Module, experts: nn.Module) -> nn.Module | None:
+    for name in _ROUTER_NAMES:
+        if isinstance(getattr(block, name, None), nn.Module):
+            return getattr(block, name)
+    return next((c for _, c in block.named_children() if c is not experts and hasattr(c, "top_k")), None)
+
+
+def _top_k(block: nn.Module, router: nn.Module, config) -> int | None:
+    for owner in (router, block):
+        value = getattr(owner, "top_k", None)
+        if isinstance(value, int):
+            return value
+    return next((getattr(config, k) for k in _TOP_K_KEYS if isinstance(getattr(config, k, None), int)), None)
+
+
+def _selection_bias(block: nn.Module, router: nn.Module, experts: nn.Module, width: int) -> torch.Tensor | None:
+    """A [width] tensor named like a bias in the router or the block (not the router's linear bias, not in
+    the experts or shared experts): the bias added to the scores to choose experts."""
+    own_linear_bias = getattr(router, "bias", None)
+    for owner in (router, block):
+        for name, t in list(owner.named_buffers()) + list(owner.named_parameters()):
+            if t is own_linear_bias or "experts." in name or name.startswith(_SHARED_NAMES) or "bias" not in name:
+                continue
+            if t.numel() == width and t.dim() <= 2 and t.is_floating_point():
+                return t.reshape(width)
+    return None
+
+
+class _ProbeExperts(nn.Module):
+    """Stands in for an experts module during a probe: records what the router chose, returns zeros."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        self.seen = (top_k_index.detach(), top_k_weights.detach())
+        return torch.zeros_like(hidden_states)
+
+
+class _ProbeZeros(nn.Module):
+    def forward(self, x, *args, **kwargs):
+        return torch.zeros_like(x)
+
+
+def _probe_block(block: nn.Module, experts_name: str, router_name: str | None, hidden: int):
+    """Run a float32 CPU copy of `block` (random weights; experts and shared experts replaced by stubs) on
+    random inputs [T, H] -> (router output logits [T, E], ids [T, K], weights [T, K], the copy)."""
+    saved = {n: getattr(block, n) for n in (experts_name, *_SHARED_NAMES) if isinstance(getattr(block, n, None), nn.Module)}
+    try:
+        for n in saved:
+            setattr(block, n, _ProbeExperts() if n == experts_name else _ProbeZeros())
+        clone = copy.deepcopy(block)
+    finally:
+        for n, m in saved.items():
+            setattr(block, n, m)
+    clone = clone.to_empty(device="cpu").float().eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, t in list(clone.named_parameters()) + list(clone.named_buffers()):
+            if not t.is_floating_point():
+                t.zero_()
+            elif t.dim() >= 2:
+                t.copy_(torch.randn(t.shape, generator=g) / t.shape[-1] ** 0.5)
+            elif "bias" in name:
+                t.copy_(0.1 * torch.randn(t.shape, generator=g))
+            else:
+                t.copy_(1.0 + 0.1 * torch.randn(t.shape, generator=g))
+    seen = {}
+    router = getattr(clone, router_name) if router_name else None
+
+    def keep_logits(module, args, output):
+        seen.setdefault("logits", output[0] if isinstance(output, tuple) else output)
+
+    handle = router.register_forward_hook(keep_logits)
+    try:
+        with torch.no_grad():
+            clone(torch.randn((1, _PROBE_TOKENS, hidden), generator=g))
+    finally:
+        handle.remove()
+    ids, weights = getattr(clone, experts_name).seen
+    logits = seen["logits"]
+    return logits.reshape(-1, logits.shape[-1]), ids.reshape(-1, ids.shape[-1]), weights.reshape(ids.shape[0], -1), clone
+
+
+def derive_rule(block: nn.Module, router: nn.Module, experts: nn.Module, config, num_experts: int,
+                hidden: int) -> RoutingRule:
+    """The routing rule of `block`, read from the model: its router run on probe inputs, and the rule that
+    reproduces those choices (`routing.fit_rule`). A router no rule reproduces gives
+    `RoutingRule(scoring="undetermined", known=False, note=why)`, refused by whatever needs the rule."""
+    cls = type(router).__name__
+    if "sparsemixer" in getattr(type(router).forward, "__code__", compile("", "", "exec")).co_names:
+        return RoutingRule("sparsemixer", known=True)  # Phi-MoE's rule, named in its router's code
+    experts_name = next(n for n, c in block.named_children() if c is experts)
+    router_name = next((n for n, c in block.named_children() if c is router), None)
+    try:
+        logits, ids, weights, clone = _probe_block(block, experts_name, router_name, hidden)
+    except Exception as exc:  # noqa: BLE001 - any failure means the rule cannot be read
+        return RoutingRule("undetermined", known=False,
+                           note=f"{cls} could not be run on probe inputs ({type(exc).__name__}: {exc})")
+    if logits.shape[-1] != num_experts:
+        return RoutingRule("undetermined", known=False,
+                           note=f"{cls} scores {logits.shape[-1]} experts for {num_experts} routed experts")
+    crouter = getattr(clone, router_name)
+    bias = _selection_bias(clone, crouter, getattr(clone, experts_name), num_experts)
+    linear_bias = getattr(crouter, "bias", None)
+    groups = next((getattr(config, k) for k in ("n_group", "num_expert_group") if getattr(config, k, None)), None)
+    rule = fit_rule(logits, ids, weights, selection_bias=bias, groups=groups,
+                    topk_groups=getattr(config, "topk_group", None),
+                    logit_bias=isinstance(linear_bias, torch.Tensor) and linear_bias.numel() == num_experts)
+    if rule is None:
+        return RoutingRule("undetermined", known=False,
+                           note=f"no softmax/sigmoid top-k rule reproduces the choices of {cls}")
+    return rule
+
+
+def routing_rule_of(model: nn.Module, layer: MoELayer) -> RoutingRule:
+    """The model's routing rule (probed once per model, kept on the model object)."""
+    rule = getattr(model, _RULE_ATTR, None)
+    if rule is None:
+        rule = derive_rule(layer.block, layer.router, layer.experts, text_config(model), layer.num_experts,
+                           layer.hidden_size)
+        object.__setattr__(model, _RULE_ATTR, rule)
+    return rule
+
+
 def _layout(experts: nn.Module, config) -> ExpertLayout:
-    from transformers.integrations.moe import _default_apply_gate
 
     if getattr(experts, "has_post_expert_norm", False):
         raise MoeServeError(f"{type(experts).__name__}: experts with a post-expert norm are not supported yet")
@@ -144,15 +238,15 @@ def _layout(experts: nn.Module, config) -> ExpertLayout:
 def moe_layers(model: nn.Module) -> list[MoELayer]:
     """Every MoE layer of `model`, in order. Dense layers are skipped; a dense model gives []."""
     config = text_config(model)
-    rule = routing_rule(config)
     found = []
     for index, layer in enumerate(decoder_layers(model)):
         block = _find_block(layer)
         if block is None:
             continue
         experts = block.experts
-        router = next((getattr(block, n) for n in _ROUTER_NAMES if hasattr(block, n)), None)
-        if router is None or not hasattr(router, "top_k"):
+        router = _find_router(block, experts)
+        top_k = None if router is None else _top_k(block, router, config)
+        if router is None or top_k is None:
             raise MoeServeError(f"layer {index}: MoE block {type(block).__name__} has no recognisable router")
         layout = _layout(experts, config)
         down = experts.down_proj
@@ -167,13 +261,17 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
                 shared=shared,
                 shared_gate=getattr(block, "shared_expert_gate", None),
                 num_experts=int(down.shape[0]),
-                top_k=int(router.top_k),
+                top_k=int(top_k),
                 hidden_size=int(hidden),
                 intermediate_size=int(inter),
                 layout=layout,
-                rule=rule,
+                rule=RoutingRule("undetermined", known=False),
             )
         )
+    if found:
+        rule = routing_rule_of(model, found[0])
+        for layer in found:
+            layer.rule = rule
     return found
 
 
@@ -182,14 +280,6 @@ def require_moe_layers(model: nn.Module, name: str = "model") -> list[MoELayer]:
     if not layers:
         raise MoeServeError(f"{name} is a dense model (no MoE layers): moeserve needs a Mixture-of-Experts model")
     return layers
-
-
-def split_gate_up(t: torch.Tensor, concatenated: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """[2I, ...] -> ([I, ...], [I, ...]): halves, or even/odd rows for interleaved layouts."""
-    if concatenated:
-        half = t.shape[0] // 2
-        return t[:half], t[half:]
-    return t[0::2], t[1::2]
 
 
 def expert_weights(layer: MoELayer, expert: int) -> ExpertWeights:
@@ -212,21 +302,6 @@ def expert_weights(layer: MoELayer, expert: int) -> ExpertWeights:
         return ExpertWeights(gate, up, down, gb, ub, down_bias)
     up_bias = ex.up_proj_bias[expert] if lay.has_bias else None
     return ExpertWeights(None, linear(ex.up_proj), down, None, up_bias, down_bias)
-
-
-def expert_forward(x: torch.Tensor, w: ExpertWeights, layout: ExpertLayout) -> torch.Tensor:
-    """One expert's FFN: x [T, H] -> [T, H]. Pure: depends only on its arguments."""
-    from transformers.activations import ACT2FN
-
-    if layout.activation == "gptoss_swiglu":
-        gate = F.linear(x, w.gate, w.gate_bias).clamp(max=layout.swiglu_limit)
-        up = F.linear(x, w.up, w.up_bias).clamp(min=-layout.swiglu_limit, max=layout.swiglu_limit)
-        h = (up + 1) * gate * torch.sigmoid(gate * layout.swiglu_alpha)
-    elif w.gate is not None:
-        h = ACT2FN[layout.activation](F.linear(x, w.gate, w.gate_bias)) * F.linear(x, w.up, w.up_bias)
-    else:
-        h = ACT2FN[layout.activation](F.linear(x, w.up, w.up_bias))
-    return F.linear(h, w.down, w.down_bias)
 
 
 def routed_forward(
@@ -267,8 +342,12 @@ def route(layer: MoELayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
 
 
 def router_probabilities(layer: MoELayer, logits: torch.Tensor) -> torch.Tensor:
-    """Per-expert scores the rule ranks by, [T, E] float32 (softmax or sigmoid of the logits)."""
+    """Per-expert scores the router ranks by, [T, E] float32 (softmax or sigmoid of the logits, as the
+    rule read from the router says; Phi-MoE's sparsemixer ranks by softmax). MoeServeError when the rule
+    could not be read from the model."""
     logits = logits.float()
+    if layer.rule.scoring == "undetermined":
+        raise MoeServeError(f"the routing rule of this model could not be determined: {layer.rule.note}")
     if layer.rule.scoring == "sigmoid":
         return torch.sigmoid(logits)
     return torch.softmax(logits, dim=-1)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from moeserve.errors import MoeServeError
 from moeserve.models.adapter import ExpertLayout, expert_weights, moe_layers, text_config
+from moeserve.models.cards import is_card_name, load_card
+from moeserve.models.loading import load_config
 from moeserve.models.routing import RoutingRule
 
 
@@ -81,6 +85,13 @@ def _kv_bytes_per_token(config, num_layers: int, nbytes: float) -> tuple[int, st
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     note = "sliding-window layers stop growing past the window" if getattr(config, "sliding_window", None) else ""
+    types = list(getattr(config, "layer_types", None) or [])[:num_layers]
+    if len(types) == num_layers and any(t.endswith("attention") and "linear" not in t for t in types):
+        attention = [t for t in types if t.endswith("attention") and "linear" not in t]
+        if len(attention) < num_layers:  # hybrid (e.g. Qwen3-Next): linear-attention layers keep a fixed state
+            note = (f"{len(attention)} of {num_layers} layers cache K/V; the other {num_layers - len(attention)} "
+                    "keep a fixed-size recurrent state")
+            num_layers = len(attention)
     return int(2 * kv_heads * head_dim * num_layers * nbytes), note
 
 
@@ -141,11 +152,8 @@ def geometry_of(model: nn.Module, dtype: torch.dtype | None = None) -> ModelGeom
 
 
 def inspect_model(spec, trust_remote_code: bool = False) -> ModelGeometry:
-    """Geometry of a local model directory or `demo`, without loading its weights (meta device)."""
-    from transformers import AutoModelForCausalLM
-
-    from moeserve.models.loading import load_config
-
+    """Geometry of a local model directory, `demo` or a shipped card, without loading any weights (meta
+    device: a directory holding only config.json is enough)."""
     config = load_config(spec, trust_remote_code=trust_remote_code)
     dtype = _dtype_of(text_config(config))
     try:
@@ -153,4 +161,7 @@ def inspect_model(spec, trust_remote_code: bool = False) -> ModelGeometry:
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except ValueError as exc:
         raise MoeServeError(f"{config.model_type} is not a causal language model: {str(exc).splitlines()[0]}") from None
-    return geometry_of(model, dtype=dtype)
+    g = geometry_of(model, dtype=dtype)
+    if isinstance(spec, str) and is_card_name(spec) and not Path(spec).exists():
+        g.extra["card"] = asdict(load_card(spec))
+    return g

@@ -1,4 +1,5 @@
-"""Find and load a model: a local Hugging Face directory or the bundled `demo` checkpoint.
+"""Find and load a model: a local Hugging Face directory, the bundled `demo` checkpoint or a shipped model
+card (config only, models/cards.py).
 
 Weights are loaded from safetensors only (never pickle) and remote code stays off unless asked for.
 Nothing here touches the network: every load is `local_files_only`.
@@ -6,26 +7,39 @@ Nothing here touches the network: every load is `local_files_only`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import struct
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from moeserve.errors import MoeServeError
+from moeserve.models.cards import card_dir, card_names, is_card_name, looks_like_name
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo"
 
 
 def resolve_model_path(spec: str | os.PathLike) -> Path:
-    """`demo` or a local directory holding config.json -> that directory."""
+    """`demo`, a shipped card name (`qwen3-30b-a3b`) or a local directory holding config.json -> that
+    directory. A local directory wins over a card of the same name."""
+    path = Path(spec).expanduser()
     if str(spec) == "demo":
         path = DEMO_MODEL_DIR
         if not (path / "config.json").is_file():
             raise MoeServeError(f"the bundled demo model is missing from {path} (broken install?)")
         return path
-    path = Path(spec).expanduser()
+    if not path.exists() and is_card_name(str(spec)):
+        return card_dir(str(spec))
     if not path.exists():
+        if looks_like_name(str(spec)):
+            raise MoeServeError(f"unknown model {str(spec)!r}: not a directory, 'demo' or a shipped model card "
+                                f"({', '.join(card_names())})")
         raise MoeServeError(f"model directory not found: {path} (give a local Hugging Face directory or 'demo')")
     if not path.is_dir():
         raise MoeServeError(f"model must be a directory with config.json, got a file: {path}")
@@ -36,7 +50,6 @@ def resolve_model_path(spec: str | os.PathLike) -> Path:
 
 def load_config(spec: str | os.PathLike, trust_remote_code: bool = False):
     """The model's `PretrainedConfig`, read offline."""
-    from transformers import AutoConfig
 
     path = resolve_model_path(spec)
     try:
@@ -78,8 +91,6 @@ def load_model(
     `dtype="auto"` keeps the checkpoint's dtype, except that half precision on the CPU becomes float32
     (CPU kernels for fp16/bf16 are slow and less exact).
     """
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # moeserve draws its own progress; keep stderr to one line per event
     path = resolve_model_path(spec)
@@ -96,20 +107,22 @@ def load_model(
     kwargs = {}
     if experts_implementation is not None:
         kwargs["experts_implementation"] = experts_implementation
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        dtype=dtype,
-        local_files_only=True,
-        use_safetensors=True,
-        trust_remote_code=trust_remote_code,
-        **kwargs,
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            local_files_only=True,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+            **kwargs,
+        )
+    except SafetensorError as exc:
+        raise MoeServeError(f"{path}: unreadable safetensors weights (truncated or corrupt?): {exc}") from None
     return model.to(device).eval()
 
 
 def load_tokenizer(spec: str | os.PathLike, trust_remote_code: bool = False):
     """The model's tokenizer, read offline."""
-    from transformers import AutoTokenizer
 
     path = resolve_model_path(spec)
     try:
@@ -121,13 +134,48 @@ def load_tokenizer(spec: str | os.PathLike, trust_remote_code: bool = False):
 def load_input_embeddings(spec: str | os.PathLike):
     """The input-embedding matrix [vocab, hidden] as float32 numpy, read from safetensors alone
     (memory-mapped; the rest of the model is not loaded)."""
-    import numpy as np
-    from safetensors import safe_open
 
     path = resolve_model_path(spec)
     for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            key = next((k for k in f.keys() if k.endswith("embed_tokens.weight")), None)
-            if key is not None:
-                return f.get_tensor(key).float().numpy().astype(np.float32)
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                key = next((k for k in f.keys() if k.endswith("embed_tokens.weight")), None)
+                if key is not None:
+                    return f.get_tensor(key).float().numpy().astype(np.float32)
+        except SafetensorError as exc:
+            raise MoeServeError(f"{file}: unreadable safetensors file (truncated or corrupt?): {exc}") from None
     raise MoeServeError(f"no input-embedding tensor (*embed_tokens.weight) in {path}")
+
+
+_SAMPLES_PER_FILE = 8
+_SAMPLE_BYTES = 1 << 16
+
+
+def checkpoint_fingerprint(spec: str | os.PathLike) -> str | None:
+    """A cheap identity of a checkpoint's weights: sha256 over every safetensors file's name, size and
+    header (tensor names, dtypes, shapes, offsets) and 8 evenly spaced 64 KiB samples of its data.
+    Two different trainings of one architecture differ in their samples; None for a directory with a
+    config and no weights (a model card). Reads at most ~0.5 MiB per file, whatever the model's size."""
+
+    path = resolve_model_path(spec)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}:".encode())
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise MoeServeError(f"{file}: not a safetensors file (truncated header)")
+            (header_len,) = struct.unpack("<Q", head)
+            if 8 + header_len > size:
+                raise MoeServeError(f"{file}: truncated or corrupt safetensors header")
+            digest.update(f.read(header_len))
+            start = 8 + header_len
+            span = max(size - start - _SAMPLE_BYTES, 0)
+            for i in range(_SAMPLES_PER_FILE):
+                f.seek(start + span * i // max(_SAMPLES_PER_FILE - 1, 1))
+                digest.update(f.read(_SAMPLE_BYTES))
+    return digest.hexdigest()

@@ -1,12 +1,17 @@
 """Routing rules of the MoE families: how a router turns logits into top-k expert ids and weights.
 
-One table, keyed by `config.model_type`; it describes the rule, it does not run it (the model's own
-router module does that, and tests check the two agree).
+Read from the model, not from a table: `models.adapter` runs a MoE block's own router on probe inputs
+and `fit_rule` finds the rule (scoring, bias, groups, renormalisation, scaling) that reproduces its
+choices; a router no rule reproduces is refused. The rule describes; the model's router decides.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+
+import torch
+
+from moeserve.errors import MoeServeError
 
 
 @dataclass(frozen=True)
@@ -20,7 +25,7 @@ class RoutingRule:
     groups / topk_groups / group_score: group-limited routing (DeepSeek): experts are split into `groups`
         groups, the best `topk_groups` groups are kept, scored by "max" or "top2_sum" of their experts.
     scaling: a constant the top-k weights are multiplied by (routed_scaling_factor).
-    known: False when the family is not in moeserve's table and the rule was inferred from the config.
+    known: True when the rule was checked against the model's own router on probe inputs.
     """
 
     scoring: str = "softmax"
@@ -31,8 +36,11 @@ class RoutingRule:
     group_score: str | None = None
     scaling: float = 1.0
     known: bool = True
+    note: str = ""  # why the rule could not be read (scoring "undetermined")
 
     def describe(self) -> str:
+        if self.scoring == "undetermined":
+            return f"undetermined: {self.note}" if self.note else "undetermined"
         parts = [self.scoring]
         if self.renormalize:
             parts.append("renormalised top-k")
@@ -42,47 +50,54 @@ class RoutingRule:
             parts.append(f"groups {self.topk_groups}/{self.groups} by {self.group_score}")
         if self.scaling != 1.0:
             parts.append(f"x{self.scaling:g}")
-        if not self.known:
-            parts.append("(inferred)")
         return ", ".join(parts)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def routing_rule(config) -> RoutingRule:
-    """The routing rule of a transformers v5 MoE config (text config for multimodal models)."""
-    mt = config.model_type
-    norm = bool(getattr(config, "norm_topk_prob", False))
-    if mt in ("mixtral", "granitemoe", "granitemoeshared", "granitemoehybrid"):
-        return RoutingRule("softmax", renormalize=True)
-    if mt == "gpt_oss":
-        return RoutingRule("softmax", renormalize=True, bias="logit")
-    if mt in ("qwen2_moe", "qwen3_moe", "olmoe", "qwen3_next", "qwen3_5_moe"):
-        return RoutingRule("softmax", renormalize=norm)
-    if mt == "phimoe":
-        return RoutingRule("sparsemixer")
-    if mt == "deepseek_v2":
-        grouped = getattr(config, "topk_method", "greedy") == "group_limited_greedy"
-        return RoutingRule(
-            "softmax",
-            groups=config.n_group if grouped else None,
-            topk_groups=config.topk_group if grouped else None,
-            group_score="max" if grouped else None,
-            scaling=float(config.routed_scaling_factor),
-        )
-    if mt in ("deepseek_v3", "glm4_moe"):
-        groups = getattr(config, "n_group", None) or 1
-        return RoutingRule(
-            "sigmoid",
-            renormalize=norm,
-            bias="selection",
-            groups=groups if groups > 1 else None,
-            topk_groups=getattr(config, "topk_group", None) if groups > 1 else None,
-            group_score="top2_sum" if groups > 1 else None,
-            scaling=float(getattr(config, "routed_scaling_factor", 1.0)),
-        )
-    return RoutingRule("softmax", renormalize=norm, known=False)
+def _candidates(num_experts: int, has_selection_bias: bool, groups: int | None, topk_groups: int | None):
+    """Rules a router of this structure could follow, simplest first (all tried against its choices)."""
+    biases = ("selection", "none") if has_selection_bias else ("none",)
+    group_options = [(None, None, None)]
+    if groups and groups > 1 and topk_groups and num_experts % groups == 0:
+        group_options = [(groups, topk_groups, "top2_sum"), (groups, topk_groups, "max"), (None, None, None)]
+    for bias in biases:
+        for g, tg, gs in group_options:
+            for scoring in ("softmax", "sigmoid"):
+                for renormalize in (False, True):
+                    yield RoutingRule(scoring, renormalize=renormalize, bias=bias, groups=g, topk_groups=tg,
+                                      group_score=gs)
+
+
+def fit_rule(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, *, selection_bias=None,
+             groups: int | None = None, topk_groups: int | None = None, logit_bias: bool = False,
+             atol: float = 1e-4) -> RoutingRule | None:
+    """The rule that reproduces a router's choices on probe inputs, or None.
+
+    logits [T, E] as the router module returned them; ids [T, K] and weights [T, K] as the experts module
+    received them. Each candidate (softmax or sigmoid scores, selection bias or not, DeepSeek's group-limited
+    routing or not, renormalised or not) is run by `select_experts`; the first whose expert sets equal the
+    router's on every row and whose weights are the router's times one constant (the scaling factor, fitted
+    here) is returned, with `known=True`.
+    """
+    logits, weights = logits.float(), weights.float()
+    want = ids.sort(dim=-1).values
+    for rule in _candidates(logits.shape[-1], selection_bias is not None, groups, topk_groups):
+        try:
+            w, e = select_experts(logits, rule, ids.shape[-1], selection_bias=selection_bias)
+        except RuntimeError:  # e.g. too few experts left in the kept groups
+            continue
+        if not torch.equal(e.sort(dim=-1).values, want):
+            continue
+        w = w.gather(1, e.argsort(dim=-1))  # both in ascending expert order
+        got = weights.gather(1, ids.argsort(dim=-1))
+        scale = float((got * w).sum() / (w * w).sum().clamp_min(1e-30))
+        if torch.allclose(got, w * scale, atol=atol, rtol=1e-3):
+            scale = 1.0 if abs(scale - 1.0) < 1e-4 else float(f"{scale:.6g}")
+            return RoutingRule(rule.scoring, rule.renormalize, "logit" if logit_bias and rule.bias == "none"
+                               else rule.bias, rule.groups, rule.topk_groups, rule.group_score, scale, True)
+    return None
 
 
 def select_experts(logits, rule: RoutingRule, top_k: int, selection_bias=None):
@@ -92,9 +107,10 @@ def select_experts(logits, rule: RoutingRule, top_k: int, selection_bias=None):
     tests check they agree). `selection_bias` [E] is DeepSeek-V3's e_score_correction_bias. The
     logits already include a "logit" bias (GPT-OSS adds it inside its linear layer).
     """
-    import torch
 
     logits = logits.float()
+    if rule.scoring == "undetermined":
+        raise MoeServeError(f"the routing rule of this model could not be determined: {rule.note}")
     if rule.scoring == "sparsemixer":
         raise NotImplementedError("Phi-MoE's sparsemixer is only run by the model's own router")
     scores = torch.sigmoid(logits) if rule.scoring == "sigmoid" else torch.softmax(logits, dim=-1)

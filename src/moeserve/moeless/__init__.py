@@ -18,7 +18,7 @@ from moeserve.moeless.fleet import (
 )
 from moeserve.moeless.loads import loads_from_routing, windows_from_arrivals
 from moeserve.moeless.placement import new_copies, place_replicas
-from moeserve.moeless.planner import MoelessPlan, plan_moeless
+from moeserve.moeless.planner import MoelessPlan, plan_moeless, plan_moeless_hierarchical
 from moeserve.moeless.predictors import (
     LoadPredictor,
     PredictionScores,
@@ -34,7 +34,7 @@ __all__ = [
     "DeviceFleet", "ExpertLocationMap", "LoadPredictor", "MoelessPlan", "PredictionScores", "ReplayResult",
     "balancedness", "compare_strategies", "detect_stragglers", "device_loads", "device_times", "eplb_phy2log",
     "fit_load_predictor", "loads_from_routing", "location_map", "location_map_from_phy2log",
-    "moving_window_loads", "new_copies", "place_replicas", "plan_moeless", "predict_loads", "replay",
+    "moving_window_loads", "new_copies", "place_replicas", "plan_moeless", "plan_moeless_hierarchical", "predict_loads", "replay",
     "replicas_from_phy2log", "replicas_under_budget", "replicas_under_target", "score_predictions",
     "static_deployment_cost", "static_placement", "uniform_fleet", "windows_from_arrivals",
     "zipf_drift_loads", "zipf_drift_routing",

@@ -69,6 +69,23 @@ def pack_equal_count(weights: np.ndarray, num_bins: int) -> tuple[np.ndarray, np
     return bin_of_item, position
 
 
+def experts_of_nodes(loads: np.ndarray, num_nodes: int, num_groups: int) -> np.ndarray:
+    """Step 3's first half: whole groups of consecutive experts packed onto nodes, equal groups per node.
+
+    loads: [L, E] float -> node_experts [L, nodes, E / nodes] int, the experts node n hosts in layer l
+    """
+    num_layers, num_experts = loads.shape
+    experts_per_group = num_experts // num_groups
+    group_loads = loads.reshape(num_layers, num_groups, experts_per_group).sum(-1)
+    node_of_group, pos_of_group = pack_equal_count(group_loads, num_nodes)
+    groups_per_node = num_groups // num_nodes
+    node_groups = np.empty((num_layers, num_nodes, groups_per_node), dtype=np.int64)
+    layer = np.arange(num_layers)[:, None]
+    node_groups[layer, node_of_group, pos_of_group] = np.arange(num_groups)[None, :]
+    return (node_groups[..., None] * experts_per_group + np.arange(experts_per_group)).reshape(
+        num_layers, num_nodes, num_experts // num_nodes)
+
+
 def eplb_phy2log(loads: np.ndarray, num_slots: int, num_devices: int, num_nodes: int = 1,
                  num_groups: int = 1) -> np.ndarray:
     """The EPLB placement of `num_slots` physical experts on `num_devices` devices.
@@ -84,7 +101,6 @@ def eplb_phy2log(loads: np.ndarray, num_slots: int, num_devices: int, num_nodes:
         raise MoeServeError(
             f"EPLB needs slots ({num_slots}) divisible by devices ({num_devices}), devices by nodes "
             f"({num_nodes}) and at least one slot per expert ({num_experts})")
-    experts_per_group = num_experts // num_groups
     experts_per_node = num_experts // num_nodes
     slots_per_node = num_slots // num_nodes
     devices_per_node = num_devices // num_nodes
@@ -92,15 +108,7 @@ def eplb_phy2log(loads: np.ndarray, num_slots: int, num_devices: int, num_nodes:
     if slots_per_node < experts_per_node:
         raise MoeServeError("each node needs at least one slot per expert it hosts")
 
-    # Nodes take whole groups; node_experts[l, n, :] are the experts node n hosts in layer l.
-    group_loads = loads.reshape(num_layers, num_groups, experts_per_group).sum(-1)
-    node_of_group, pos_of_group = pack_equal_count(group_loads, num_nodes)
-    groups_per_node = num_groups // num_nodes
-    node_groups = np.empty((num_layers, num_nodes, groups_per_node), dtype=np.int64)
-    layer = np.arange(num_layers)[:, None]
-    node_groups[layer, node_of_group, pos_of_group] = np.arange(num_groups)[None, :]
-    node_experts = (node_groups[..., None] * experts_per_group + np.arange(experts_per_group)).reshape(
-        num_layers, num_nodes, experts_per_node)
+    node_experts = experts_of_nodes(loads, num_nodes, num_groups)
 
     # Inside each node: replicate onto its slots, then pack the copies onto its devices.
     node_loads = np.take_along_axis(loads[:, None, :].repeat(num_nodes, 1), node_experts, axis=2)

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moeserve.defaults import STRAGGLER_THRESHOLD
 from moeserve.errors import MoeServeError
+from moeserve.moeless.eplb import experts_of_nodes
 from moeserve.moeless.fleet import DeviceFleet, device_times
 from moeserve.moeless.placement import place_replicas
 from moeserve.moeless.scaling import detect_stragglers, replicas_under_budget, replicas_under_target
@@ -29,7 +31,7 @@ class MoelessPlan:
 
 
 def plan_moeless(loads: np.ndarray, fleet: DeviceFleet, extra_replicas: int, previous: np.ndarray | None = None,
-                 churn_penalty_s: float = 0.0, straggler_threshold: float = 1.5,
+                 churn_penalty_s: float = 0.0, straggler_threshold: float = STRAGGLER_THRESHOLD,
                  scale_stragglers_only: bool = False) -> MoelessPlan:
     """Plan copies and their devices for every layer.
 
@@ -57,6 +59,44 @@ def plan_moeless(loads: np.ndarray, fleet: DeviceFleet, extra_replicas: int, pre
     return MoelessPlan(
         replicas=replicas,
         copies=copies,
+        stragglers=detect_stragglers(loads, straggler_threshold),
+        device_time_s=device_times(replicas, loads, fleet),
+    )
+
+
+def plan_moeless_hierarchical(loads: np.ndarray, fleet: DeviceFleet, extra_replicas: int, num_nodes: int,
+                              num_groups: int, straggler_threshold: float = STRAGGLER_THRESHOLD) -> MoelessPlan:
+    """Node-first MoEless, the counterpart of EPLB's hierarchical mode: whole expert groups go to nodes exactly
+    as EPLB packs them (equal groups per node, `eplb.experts_of_nodes`), so a token's experts stay in few
+    nodes; then each node runs `plan_moeless` on its experts, its devices (device d is on node
+    d // (D / nodes)) and its share of the budget, (E + extra) / nodes slots. Within a node the copies
+    and the equal-share seed match EPLB's, so every node's busiest device is no busier than under EPLB.
+
+    loads: [L, E] float -> MoelessPlan with replicas [L, E, D]
+    """
+    loads = np.asarray(loads, dtype=np.float64)
+    num_layers, num_experts = loads.shape
+    devices = fleet.num_devices
+    slots = num_experts + extra_replicas
+    if num_nodes < 1 or devices % num_nodes or num_groups % num_nodes or num_experts % num_groups \
+            or slots % num_nodes:
+        raise MoeServeError(f"hierarchical MoEless needs devices ({devices}), groups ({num_groups}) and slots "
+                            f"({slots}) divisible by nodes ({num_nodes}), and experts ({num_experts}) by groups")
+    node_experts = experts_of_nodes(loads, num_nodes, num_groups)  # [L, N, E / N]
+    per_node = devices // num_nodes
+    extra_per_node = slots // num_nodes - num_experts // num_nodes
+    replicas = np.zeros((num_layers, num_experts, devices), dtype=np.int64)
+    layer = np.arange(num_layers)[:, None, None]
+    for node in range(num_nodes):
+        mine = slice(node * per_node, (node + 1) * per_node)
+        sub = DeviceFleet(fleet.capacity_experts[mine], fleet.fixed_s[mine], fleet.per_token_s[mine])
+        experts = node_experts[:, node, :]
+        plan = plan_moeless(np.take_along_axis(loads, experts, axis=1), sub, extra_per_node,
+                            straggler_threshold=straggler_threshold)
+        replicas[layer, experts[..., None], np.arange(mine.start, mine.stop)[None, None, :]] = plan.replicas
+    return MoelessPlan(
+        replicas=replicas,
+        copies=replicas.sum(2),
         stragglers=detect_stragglers(loads, straggler_threshold),
         device_time_s=device_times(replicas, loads, fleet),
     )

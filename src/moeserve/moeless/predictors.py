@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from moeserve.defaults import STRAGGLER_THRESHOLD
 from moeserve.errors import MoeServeError
 from moeserve.moeless.loads import shares
 from moeserve.moeless.scaling import detect_stragglers
@@ -196,7 +197,7 @@ def predict_loads(predictor: LoadPredictor, loads: np.ndarray, pregate: np.ndarr
 
 
 def score_predictions(predicted: np.ndarray, true: np.ndarray, windows: np.ndarray,
-                      straggler_threshold: float = 1.5) -> PredictionScores:
+                      straggler_threshold: float = STRAGGLER_THRESHOLD) -> PredictionScores:
     """Per-layer error over `windows`. predicted, true: [W, L, E] loads."""
     predicted, true = predicted[windows], true[windows]
     wape = _wape(predicted, true)

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from moeserve.defaults import STRAGGLER_THRESHOLD
 from moeserve.errors import MoeServeError
 
 
-def detect_stragglers(loads: np.ndarray, threshold: float = 1.5) -> np.ndarray:
+def detect_stragglers(loads: np.ndarray, threshold: float = STRAGGLER_THRESHOLD) -> np.ndarray:
     """Experts whose load exceeds `threshold` x the layer mean. loads: [..., E] -> [..., E] bool."""
     if threshold <= 0:
         raise MoeServeError(f"straggler threshold must be positive, got {threshold}")

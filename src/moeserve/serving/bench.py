@@ -17,15 +17,31 @@ import asyncio
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from urllib.parse import urlparse
 
+import httpx
 import numpy as np
+import torch
+from transformers.generation.streamers import BaseStreamer
 
+from moeserve.atomic import atomic_file, check_output_file
+from moeserve.engine.build import EngineOptions, build_engine
+from moeserve.engine.config import EngineConfig
 from moeserve.errors import MoeServeError
+from moeserve.experts.expert_cache import ExpertCacheOptions
+from moeserve.models.loading import load_model, load_tokenizer, resolve_device
+from moeserve.serving.api import ServerConfig
+from moeserve.serving.server import BackgroundServer
+from moeserve.workloads import load_arrivals, load_prompts, pair_prompts, scale_arrivals
 
 WORKLOADS = ("azure-conv", "azure-code", "poisson", "closed")
-AUTO_CONCURRENCY = 2  # an auto-calibrated rate: this many times the rate one request at a time would allow
+CALIBRATION_S = 8.0  # a closed loop this long measures what the server sustains
+LOAD_FRACTION = 0.8  # the calibrated rate: this share of the measured sustained throughput
+GRACE_S = 5.0  # after the last arrival, requests still open this long later are cut (counted unfinished)
+UNFINISHED = "unfinished at the deadline"
 
 
 @dataclass(frozen=True)
@@ -58,6 +74,7 @@ class BenchSummary:
     completed: int
     errors: int
     rejected: int  # HTTP 429
+    cut: int  # still open GRACE_S after the last arrival: cut by the client (the server saw a disconnect)
     wall_s: float
     requests_per_s: float
     output_tokens_per_s: float
@@ -88,7 +105,8 @@ def summarize(name: str, results: list[RequestResult], wall_s: float, cost_usd: 
     tokens = sum(r.completion_tokens for r in ok)
     return BenchSummary(
         name=name, requests=len(results), completed=len(ok), errors=len(results) - len(ok),
-        rejected=sum(r.status == 429 for r in results), wall_s=wall_s,
+        rejected=sum(r.status == 429 for r in results), cut=sum(r.error == UNFINISHED for r in results),
+        wall_s=wall_s,
         requests_per_s=len(ok) / wall_s if wall_s > 0 else 0.0,
         output_tokens_per_s=tokens / wall_s if wall_s > 0 else 0.0,
         ttft_s=_percentiles([r.ttft_s for r in ok if r.ttft_s is not None]),
@@ -128,7 +146,6 @@ def build_workload(workload: str, prompts: list, *, rate: float | None, duration
         return min(want, context_limit - lengths[text]) if context_limit else want
 
     if workload in ("azure-conv", "azure-code"):
-        from moeserve.workloads import load_arrivals, pair_prompts, scale_arrivals
 
         trace = scale_arrivals(load_arrivals(workload), rate=rate, duration_s=duration_s)
         picks = pair_prompts(trace, prompts, lambda text: lengths[text], seed=seed)
@@ -189,13 +206,13 @@ async def _one(client, url: str, req: BenchRequest, headers: dict, t0: float, mo
 
 
 async def replay(url: str, requests: list[BenchRequest], *, duration_s: float, api_key: str | None = None,
-                 concurrency: int | None = None, grace_s: float = 120.0, model: str | None = None
+                 concurrency: int | None = None, grace_s: float = GRACE_S, model: str | None = None
                  ) -> tuple[list[RequestResult], float]:
     """Send `requests` at their arrival times (or closed-loop with `concurrency` clients) -> results, wall s.
 
-    Bounded: nothing is sent after `duration_s`; requests still open `grace_s` later count as errors.
+    Bounded: nothing is sent after `duration_s`; requests still open `grace_s` later are cut and count as
+    errors ("unfinished at the deadline"), so a run ends within a few seconds of its duration.
     """
-    import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
@@ -212,8 +229,11 @@ async def replay(url: str, requests: list[BenchRequest], *, duration_s: float, a
                         return
                     results.append(await _one(client, url, req, headers, t0, model))
 
-            await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))),
-                                   duration_s + grace_s)
+            workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
+            _, late = await asyncio.wait(workers, timeout=duration_s + grace_s)
+            for task in late:  # each holds one unfinished request
+                task.cancel()
+            results += [RequestResult(0.0, False, 0, error=UNFINISHED) for _ in late]
             return results, time.perf_counter() - t0
 
         async def at(req: BenchRequest):
@@ -225,12 +245,11 @@ async def replay(url: str, requests: list[BenchRequest], *, duration_s: float, a
         for task in late:
             task.cancel()
         results = [t.result() for t in tasks if t in done]
-        results += [RequestResult(0.0, False, 0, error="no answer before the deadline") for _ in late]
+        results += [RequestResult(0.0, False, 0, error=UNFINISHED) for _ in late]
         return results, time.perf_counter() - t0
 
 
 async def _get_json(url: str, path: str, api_key: str | None) -> dict:
-    import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx.AsyncClient(timeout=30) as client:
@@ -242,7 +261,6 @@ async def _get_json(url: str, path: str, api_key: str | None) -> dict:
 
 def server_info(url: str, api_key: str | None = None) -> dict:
     """The served model's /v1/models entry (id, root = local path, max_model_len)."""
-    import httpx
 
     try:
         models = asyncio.run(_get_json(url, "/v1/models", api_key))
@@ -253,7 +271,6 @@ def server_info(url: str, api_key: str | None = None) -> dict:
 
 def scrape_cost(url: str, api_key: str | None = None) -> float | None:
     """Total of moeserve_cost_usd_total in /metrics, or None when the server reports no cost."""
-    import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
@@ -264,29 +281,32 @@ def scrape_cost(url: str, api_key: str | None = None) -> float | None:
     return sum(values) if values else None
 
 
-def calibrate_rate(url: str, request: BenchRequest, api_key: str | None = None, model: str | None = None) -> float:
-    """AUTO_CONCURRENCY / one request's latency: more than one-at-a-time serving could take, well within
-    what batching can (on the demo model, 8 requests decode ~4-5x faster than one)."""
-    import httpx
-
-    async def once():
+def calibrate_rate(url: str, sample: list[BenchRequest], concurrency: int, api_key: str | None = None,
+                   model: str | None = None) -> tuple[float, float]:
+    """What the server sustains: `concurrency` closed-loop clients (its batch size) send the workload's own
+    requests for CALIBRATION_S seconds. -> (the rate to offer: LOAD_FRACTION of the measured throughput,
+    the measured throughput in requests/s)."""
+    async def once() -> RequestResult:
         async with httpx.AsyncClient(timeout=600) as client:
             headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-            return await _one(client, url, request, headers, time.perf_counter(), model)
+            return await _one(client, url, sample[0], headers, time.perf_counter(), model)
 
-    asyncio.run(once())  # warm-up
-    result = asyncio.run(once())
-    if not result.ok:
-        raise MoeServeError(f"calibration request failed: {result.error}")
-    return AUTO_CONCURRENCY / result.e2e_s
+    warm = asyncio.run(once())  # first-call allocations, untimed
+    if not warm.ok:
+        raise MoeServeError(f"calibration request failed: {warm.error}")
+    results, wall = asyncio.run(replay(url, sample, duration_s=CALIBRATION_S, api_key=api_key,
+                                       concurrency=concurrency, grace_s=300, model=model))
+    done = sum(r.ok for r in results)
+    if done == 0:
+        raise MoeServeError("calibration: no request completed")
+    sustained = done / wall
+    return LOAD_FRACTION * sustained, sustained
 
 
 # ------------------------------------------------------------------------------------------- baseline
 def hf_baseline(model, tokenizer, requests: list[BenchRequest], budget_s: float) -> tuple[list[RequestResult], float]:
     """Plain `model.generate` (greedy, no EOS stop: the same token counts) of each prompt in turn, until
     `budget_s` is spent. TTFT and TPOT come from a streamer's timestamps."""
-    import torch
-    from transformers.generation.streamers import BaseStreamer
 
     class Clock(BaseStreamer):
         def __init__(self):
@@ -343,12 +363,10 @@ def fifo_replay(arrival_s: list[float], service: list[RequestResult]) -> tuple[l
 # ------------------------------------------------------------------------------------------------ plot
 def plot(summaries: list[BenchSummary], path, title: str = "") -> None:
     """TTFT and TPOT distributions per system, and requests in flight over time (server only)."""
-    import matplotlib
+    import matplotlib  # heavy (~1 s) and only for --plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from moeserve.atomic import atomic_path
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for s in summaries:
@@ -374,6 +392,132 @@ def plot(summaries: list[BenchSummary], path, title: str = "") -> None:
     axes[2].grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
+    with atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What `moeserve bench` runs: against `url`, or serving `model` (with `plan`) in this process."""
+
+    url: str | None = None
+    model: str | None = None
+    plan: str | None = None
+    workload: str = "azure-conv"
+    rate: float | None = None  # None: calibrated
+    duration: float = 60.0
+    concurrency: int = 8
+    baseline: str | None = None  # "hf": plain transformers generate on the same prompts
+    prompts: str = "builtin:mixed"
+    max_tokens: int = 128
+    max_batch: int = 8
+    api_key: str | None = None
+    device: str = "auto"
+    seed: int = 0
+    plot_path: Path | None = None
+    expert_cache: ExpertCacheOptions | None = None  # with --model: serve it with an expert cache
+
+
+@dataclass
+class BenchReport:
+    url: str
+    model: str
+    rate: float | None
+    summaries: list[BenchSummary]
+    expert_cache: dict | None = None  # the served engine's cache totals over the run (ExpertCaches.totals)
+
+
+def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> BenchReport:
+    """Replay the workload against the server (and the HF baseline), write the plot; -> the summaries."""
+    url, model, plan, workload, rate = options.url, options.model, options.plan, options.workload, options.rate
+    duration, concurrency, baseline, prompts = options.duration, options.concurrency, options.baseline, options.prompts
+    max_tokens, max_batch, api_key, device, seed = (options.max_tokens, options.max_batch, options.api_key,
+                                                    options.device, options.seed)
+    plot_path = options.plot_path
+    if url and (model or plan):
+        raise MoeServeError("give --url or --model/--plan, not both")
+    if options.expert_cache is not None and (url or plan):
+        raise MoeServeError("--expert-cache: the bench serves the model itself (give --model, no --url or --plan)")
+    if baseline not in (None, "hf"):
+        raise MoeServeError(f"unknown baseline {baseline!r} (valid: hf)")
+    if workload not in WORKLOADS:
+        raise MoeServeError(f"unknown workload {workload!r} (valid: {', '.join(WORKLOADS)})")
+    if plot_path is not None:
+        check_output_file(plot_path, "--plot")
+    engine = server = None
+    cache_totals = None
+    try:
+        if url:
+            url = check_local_url(url)
+        else:
+            log(f"loading {model or 'demo'} and serving it in-process ...")
+            engine = build_engine(EngineOptions(model or "demo", plan, plan is None, device,
+                                                EngineConfig(max_batch=max_batch, max_queue=4096),
+                                                expert_cache=options.expert_cache))
+            server = BackgroundServer(engine, ServerConfig(api_key=api_key)).__enter__()
+            url = server.url
+        info = server_info(url, api_key)
+        root = info.get("root")
+        tokenizer = load_tokenizer(root) if root and Path(root).is_dir() else None
+        token_len = (lambda text: len(tokenizer(text)["input_ids"])) if tokenizer else (lambda text: len(text) // 4)
+        prompt_set = load_prompts(prompts, seed=seed)
+        context = info.get("max_model_len")
+
+        if workload != "closed" and rate is None:
+            sample = build_workload("closed", prompt_set, rate=None, duration_s=duration, max_tokens=max_tokens,
+                                    token_len=token_len, context_limit=context, seed=seed,
+                                    default_tokens=_median_generated(workload, max_tokens))
+            log(f"calibrating the request rate: {CALIBRATION_S:.0f} s of {max_batch} closed-loop clients ...")
+            rate, sustained = calibrate_rate(url, sample, max_batch, api_key, info["id"])
+            log(f"the server sustains {sustained:.2f} req/s: offering {rate:.2f} req/s ({LOAD_FRACTION:.0%})")
+        requests = build_workload(workload, prompt_set, rate=rate, duration_s=duration, max_tokens=max_tokens,
+                                        token_len=token_len, context_limit=context, seed=seed)
+        what = (f"{concurrency} closed-loop clients" if workload == "closed"
+                else f"{len(requests)} requests at {rate:.2f} req/s")
+        log(f"replaying {workload}: {what} for {duration:.0f} s against {url} ...")
+        cost0 = scrape_cost(url, api_key)
+        results, wall = asyncio.run(replay(url, requests, duration_s=duration, api_key=api_key,
+                                                 concurrency=concurrency if workload == "closed" else None,
+                                                 model=info["id"]))
+        cost1 = scrape_cost(url, api_key)
+        if engine is not None and engine.dispatch.caches is not None:
+            cache_totals = engine.dispatch.caches.totals()  # calibration included: the cache is warm across it
+        cost = None if cost0 is None or cost1 is None else cost1 - cost0
+        summaries = [summarize(f"moeserve ({info['id']})", results, wall, cost)]
+        if workload != "closed" and summaries[0].requests_per_s < 0.9 * rate * min(1.0, duration / max(wall, 1e-9)):
+            log(f"warning: the server did not keep up: {rate:.2f} req/s offered, {summaries[0].requests_per_s:.2f} "
+                "completed (overloaded: lower --rate)")
+    finally:
+        if server is not None:
+            server.__exit__(None, None, None)
+        if engine is not None:
+            engine.shutdown()
+
+    if baseline == "hf":
+        path = model or root
+        if not path:
+            raise MoeServeError("--baseline hf needs --model (the server does not say where its model is)")
+        log(f"running the plain transformers baseline on the same prompts for {duration:.0f} s ...")
+        hf_model = load_model(path, device=resolve_device(device))
+        hf_tok = load_tokenizer(path)
+        ordered = requests if workload != "closed" else requests[: len(results)]
+        res, wall = hf_baseline(hf_model, hf_tok, ordered, duration)
+        if workload == "closed":  # no arrival times: service times, one request after the other
+            summaries.append(summarize("transformers generate", res, wall))
+        else:  # the same arrivals, served one at a time: waits included
+            res, wall = fifo_replay([r.arrival_s for r in ordered], res)
+            summaries.append(summarize("transformers generate (FIFO)", res, wall))
+
+    if plot_path is not None:
+        title = f"{workload}, {duration:.0f} s" + (f", {rate:.2f} req/s" if workload != "closed" else
+                                                   f", {concurrency} clients")
+        plot(summaries, plot_path, title)
+    return BenchReport(url, info["id"], rate, summaries, cache_totals)
+
+
+def _median_generated(workload: str, cap: int) -> int:
+    """Tokens per request the calibration asks for: the workload's median generated count (capped)."""
+    if workload in ("azure-conv", "azure-code"):
+        return int(min(max(np.median(load_arrivals(workload).generated_tokens), 1), cap))
+    return min(64, cap)

@@ -14,8 +14,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
-from moeserve.atomic import atomic_path
+from moeserve import __version__
+from moeserve.atomic import atomic_file
 from moeserve.errors import MoeServeError
 
 SCHEMA = "moeserve.trace/1"
@@ -39,12 +42,13 @@ TENSORS = {
 class TraceMeta:
     """Everything about a trace that is not a tensor."""
 
-    num_layers: int  # MoE layers (the L axis)
+    num_moe_layers: int  # MoE layers (the L axis); files before 0.2 call it num_layers
     num_experts: int
     top_k: int
     moe_layer_indices: list[int]  # decoder-layer index of each L row
     model: str = ""
     geometry: dict | None = None  # ModelGeometry.to_dict() when known
+    checkpoint_fingerprint: str | None = None  # models.loading.checkpoint_fingerprint of the traced checkpoint
     tokenizer: str | None = None
     source: str = ""  # where the prompts came from
     generation: dict = field(default_factory=dict)
@@ -86,8 +90,8 @@ class ExpertTrace:
         if missing:
             raise ValueError(f"missing trace tensors: {missing}")
         ids = np.asarray(arrays["expert_ids"])
-        if ids.ndim != 3 or ids.shape[1:] != (meta.num_layers, meta.top_k):
-            raise MoeServeError(f"expert_ids must be [tokens, {meta.num_layers}, {meta.top_k}], got {ids.shape}")
+        if ids.ndim != 3 or ids.shape[1:] != (meta.num_moe_layers, meta.top_k):
+            raise MoeServeError(f"expert_ids must be [tokens, {meta.num_moe_layers}, {meta.top_k}], got {ids.shape}")
         if ids.size and (ids.min() < 0 or ids.max() >= meta.num_experts):
             raise MoeServeError(f"expert ids must lie in [0, {meta.num_experts})")
         dtypes = {
@@ -116,7 +120,6 @@ class ExpertTrace:
         return self._tensors[name]
 
     def _read(self, name: str) -> np.ndarray:
-        from safetensors import safe_open
 
         try:
             with safe_open(str(self._path), framework="numpy") as f:
@@ -142,25 +145,24 @@ class ExpertTrace:
     # -- persistence ----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write atomically (a temp file beside `path`, renamed when complete)."""
-        from safetensors.numpy import save_file
+        with atomic_file(path) as tmp:
+            self.write_to(tmp)
+        self._path = Path(path)
+        return self._path
 
-        from moeserve import __version__
+    def write_to(self, path: str | Path) -> None:
+        """Write the safetensors file at `path` as it is (callers make it atomic: `save`, `OutputSet`)."""
 
-        path = Path(path)
+
         tensors = {name: self[name] for name in sorted(self._available)}
         self.meta.crc32 = {n: _crc32(t) for n, t in tensors.items()}
         self.meta.moeserve_version = self.meta.moeserve_version or __version__
         self.meta.created = self.meta.created or datetime.now(timezone.utc).isoformat(timespec="seconds")
-        header = {"moeserve": json.dumps(asdict(self.meta))}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=header)
-        self._path = path
-        return path
+        save_file(tensors, str(path), metadata={"moeserve": json.dumps(asdict(self.meta))})
 
     @classmethod
     def open(cls, path: str | Path) -> ExpertTrace:
         """Open a trace lazily: only the header is read now."""
-        from safetensors import safe_open
 
         path = Path(path)
         if not path.is_file():
@@ -179,6 +181,8 @@ class ExpertTrace:
             raise MoeServeError(f"trace {path} has a corrupt header") from None
         if raw.get("schema") != SCHEMA:
             raise MoeServeError(f"trace {path} has schema {raw.get('schema')!r}; this moeserve reads {SCHEMA}")
+        if "num_layers" in raw and "num_moe_layers" not in raw:  # the name in traces written before 0.2
+            raw["num_moe_layers"] = raw.pop("num_layers")
         meta = TraceMeta(**raw)
         if set(meta.crc32) != names:
             raise MoeServeError(f"trace {path} is corrupt: its tensors do not match its header")

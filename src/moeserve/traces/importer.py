@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from moeserve.errors import MoeServeError
+from moeserve.models.geometry import inspect_model
+from moeserve.models.loading import checkpoint_fingerprint
 from moeserve.traces.activation import activation_matrix
 from moeserve.traces.format import DECODE, PREFILL, ExpertTrace, TraceMeta
 
@@ -44,7 +46,7 @@ def routing_to_trace(
     dec = np.stack([activation_matrix(routing[offsets[i] : offsets[i + 1]][phase[offsets[i] : offsets[i + 1]] == 1],
                                       num_experts) for i in range(r)])
     meta = TraceMeta(
-        num_layers=layers, num_experts=num_experts, top_k=k,
+        num_moe_layers=layers, num_experts=num_experts, top_k=k,
         moe_layer_indices=list(moe_layer_indices) if moe_layer_indices else list(range(layers)),
         geometry=geometry, source=source, prompt_ids=[f"request/{i}" for i in range(r)],
         domains=list(domains) if domains is not None else [None] * r,
@@ -86,3 +88,41 @@ def read_routing_file(path: str | Path) -> tuple[np.ndarray, dict[str, np.ndarra
     except (ValueError, OSError) as exc:
         raise MoeServeError(f"cannot read routing from {path}: {str(exc).splitlines()[0]}") from None
     raise MoeServeError(f"routing must be a .npy or .npz file, got {path.name}")
+
+
+def import_routing(routing: Path, out: Path, *, offsets: Path | None = None, lengths: Path | None = None,
+                   prompt_lengths: Path | None = None, num_experts: int | None = None, model: str | None = None
+                   ) -> ExpertTrace:
+    """`moeserve trace import`: routing [tokens, layers, top_k] from a .npy/.npz file, request boundaries
+    from --offsets or --lengths (or the .npz), the geometry from --model's config -> a trace saved at `out`."""
+    array, extra = read_routing_file(routing)
+    geometry, layer_idx = None, None
+    if model:
+        g = inspect_model(model)
+        geometry, layer_idx = g.to_dict(), list(g.moe_layers)
+        if num_experts is not None and num_experts != g.num_experts:
+            raise MoeServeError(f"--num-experts {num_experts} contradicts the model's {g.num_experts}")
+        num_experts = g.num_experts
+        if array.ndim == 3 and array.shape[1:] != (g.num_moe_layers, g.top_k):
+            raise MoeServeError(f"routing is [.., {array.shape[1]}, {array.shape[2]}] but the model has "
+                                f"{g.num_moe_layers} MoE layers and top-{g.top_k}")
+    if num_experts is None:
+        raise MoeServeError("give --num-experts or --model so the expert count is known")
+    if offsets is not None:
+        off = read_array(offsets, "offsets")
+    elif lengths is not None:
+        off = np.concatenate([[0], np.cumsum(read_array(lengths, "lengths"))])
+    elif "request_offsets" in extra:
+        off = extra["request_offsets"]
+    elif "request_lengths" in extra:
+        off = np.concatenate([[0], np.cumsum(extra["request_lengths"])])
+    else:
+        raise MoeServeError("give --offsets or --lengths (request boundaries)")
+    pl = read_array(prompt_lengths, "prompt lengths") if prompt_lengths else extra.get("prompt_lengths")
+    trace = routing_to_trace(array, off, num_experts, prompt_lengths=pl, moe_layer_indices=layer_idx,
+                             geometry=geometry, source=str(routing))
+    if model:
+        trace.meta.model = str(model)
+        trace.meta.checkpoint_fingerprint = checkpoint_fingerprint(model)
+    trace.save(out)
+    return trace

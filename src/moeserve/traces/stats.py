@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from moeserve.cache import overlap_ratio
 from moeserve.traces.activation import activation_matrix
 from moeserve.traces.format import DECODE, PREFILL, ExpertTrace
 
@@ -33,7 +34,6 @@ def consecutive_overlap(expert_ids: np.ndarray, request_offsets: np.ndarray,
     formed only between consecutive counted tokens of one request, e.g. decode tokens). -> [L] (nan if
     no pair). Delegates to the cache simulator's overlap_ratio (one implementation).
     """
-    from moeserve.cache import overlap_ratio
 
     t = expert_ids.shape[0]
     starts = np.zeros(t, dtype=bool)
@@ -80,7 +80,7 @@ def _hot_share(act: np.ndarray, frac: float) -> np.ndarray:
 def trace_stats(trace: ExpertTrace) -> LayerStats:
     """Summarise a trace per MoE layer (see LayerStats)."""
     ids, phase, offsets = trace["expert_ids"], trace["phase"], trace["request_offsets"]
-    e, layers = trace.meta.num_experts, trace.meta.num_layers
+    e, layers = trace.meta.num_experts, trace.meta.num_moe_layers
     overall = activation_matrix(ids, e)
     pre = activation_matrix(ids[phase == PREFILL], e)
     dec = activation_matrix(ids[phase == DECODE], e)
@@ -101,7 +101,7 @@ def trace_stats(trace: ExpertTrace) -> LayerStats:
 
 def _domain_divergence(trace: ExpertTrace) -> tuple[np.ndarray, np.ndarray]:
     """Mean pairwise JSD of domains' token-weighted activation; and of each domain's two halves."""
-    layers = trace.meta.num_layers
+    layers = trace.meta.num_moe_layers
     domains = trace.meta.domains or [None] * trace.num_requests
     labels = sorted({d for d in domains if d is not None})
     if len(labels) < 1:
