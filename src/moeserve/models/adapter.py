@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.activations import ACT2CLS
 from transformers.integrations.moe import _default_apply_gate
 
 from moeserve.errors import MoeServeError
-from moeserve.models.expert_ffn import ExpertLayout, ExpertWeights, expert_forward, split_gate_up
+from moeserve.models.expert_ffn import ExpertLayout, ExpertWeights, activation, expert_forward, split_gate_up
 from moeserve.models.routing import RoutingRule, fit_rule
 
 _BLOCK_NAMES = ("mlp", "block_sparse_moe", "feed_forward", "moe")
@@ -212,6 +213,27 @@ def routing_rule_of(model: nn.Module, layer: MoELayer) -> RoutingRule:
     return rule
 
 
+def activation_name(experts: nn.Module, config) -> str:
+    """The ACT2FN name of the experts' own activation (`act_fn`), found by its outputs on a probe: a config
+    can name several (NemotronH: `hidden_act` absent, `mamba_hidden_act` silu, the experts' `mlp_hidden_act`
+    relu2). The config's `hidden_act` (or silu) where the module has no `act_fn`."""
+    default = str(getattr(config, "hidden_act", "silu"))
+    act_fn = getattr(experts, "act_fn", None)
+    if act_fn is None:
+        return default
+    named = [str(v) for k, v in vars(config).items() if k.endswith("_act") and isinstance(v, str)]
+    probe = torch.linspace(-6.0, 6.0, 97)
+    with torch.no_grad():
+        want = act_fn(probe)
+        for name in dict.fromkeys([default, *named, *ACT2CLS]):
+            try:
+                if torch.allclose(activation(name)(probe), want, atol=1e-6):
+                    return name
+            except (KeyError, TypeError, ValueError, RuntimeError):  # not an ACT2FN name, or needs arguments
+                continue
+    raise MoeServeError(f"{type(experts).__name__}: its activation {type(act_fn).__name__} is none of transformers' ACT2FN")
+
+
 def _layout(experts: nn.Module, config) -> ExpertLayout:
 
     if getattr(experts, "has_post_expert_norm", False):
@@ -221,15 +243,15 @@ def _layout(experts: nn.Module, config) -> ExpertLayout:
     if custom_gate:
         if not (hasattr(experts, "alpha") and hasattr(experts, "limit")):
             raise MoeServeError(f"{type(experts).__name__} has a gating rule moeserve does not know")
-        activation, alpha, limit = "gptoss_swiglu", float(experts.alpha), float(experts.limit)
+        name, alpha, limit = "gptoss_swiglu", float(experts.alpha), float(experts.limit)
     else:
-        activation, alpha, limit = str(getattr(config, "hidden_act", "silu")), None, None
+        name, alpha, limit = activation_name(experts, config), None, None
     return ExpertLayout(
         has_gate=has_gate,
         is_transposed=bool(getattr(experts, "is_transposed", False)),
         is_concatenated=bool(getattr(experts, "is_concatenated", True)),
         has_bias=bool(getattr(experts, "has_bias", False)),
-        activation=activation,
+        activation=name,
         swiglu_alpha=alpha,
         swiglu_limit=limit,
     )
