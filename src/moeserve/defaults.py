@@ -38,3 +38,7 @@ EXPERT_CACHE_PREFETCH = "none"
 # calls per replica it aims at (one layer call at a time: more queue -> another replica).
 RAY_MAX_REPLICAS = 2
 RAY_TARGET_ONGOING_REQUESTS = 1.0
+# A layer call of at least twice this many tokens is split over the function's replicas (at least two parts:
+# one engine sends one call per function at a time, so only split calls let Serve see more than one request
+# in flight and add a replica; docs/scale-out.md)
+RAY_SPLIT_MIN_TOKENS = 16

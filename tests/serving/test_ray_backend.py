@@ -21,7 +21,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from moeserve.errors import MoeServeError  # noqa: E402
 from moeserve.experts.dispatch import install_dispatch  # noqa: E402
-from moeserve.experts.ray_backend import RayBackend  # noqa: E402
+from moeserve.experts.ray_backend import RayBackend, call_parts  # noqa: E402
 from moeserve.experts.ray_config import SERVE_ENV, RaySettings  # noqa: E402
 from moeserve.models.adapter import moe_layers  # noqa: E402
 from moeserve.models.loading import DEMO_MODEL_DIR, load_model  # noqa: E402
@@ -125,6 +125,33 @@ def test_replicas_share_the_work(setups):
     s.run()
     after = s.backend.metrics()["functions"]
     assert all(after[fid]["calls"] > before[fid] for fid in replicas)  # least busy first: both took calls
+
+
+def test_call_parts_cover_the_tokens_once():
+    assert call_parts(31, 4, 16) == [(0, 31)]  # under 2 x min: one part
+    assert call_parts(40, 1, 16) == [(0, 20), (20, 40)]  # two parts even with one replica
+    assert call_parts(40, 3, 16) == [(0, 20), (20, 40)]  # no part under min_tokens
+    assert call_parts(100, 0, 0) == [(0, 100)]  # 0: never split
+    for n, running in ((100, 3), (97, 5), (1000, 2)):
+        parts = call_parts(n, running, 16)
+        assert len(parts) == min(max(2, running), n // 16)
+        assert parts[0][0] == 0 and parts[-1][1] == n and all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+        assert min(b - a for a, b in parts) >= 16
+
+
+def test_big_calls_go_out_in_parts(setups):
+    """Calls split over a function's replica(s) still give generate's tokens; Serve sees the parts."""
+    s = setups["demo"]
+    settings = s.backend.settings
+    s.backend.settings = replace(settings, split_min_tokens=2)
+    try:
+        out, totals = s.run()
+    finally:
+        s.backend.settings = settings
+    assert torch.equal(out, s.reference)
+    metrics = s.backend.metrics()
+    assert sum(f["split_parts"] for f in metrics["functions"].values()) > 0
+    assert totals["fallback_pairs"] == 0
 
 
 def _kill_on_call(backend, victim: str, nth: int, kill):

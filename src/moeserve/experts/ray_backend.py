@@ -7,7 +7,9 @@ process backend writes by hand: replicas, keep-alive and scale to zero (its auto
 dead replicas, and placement on nodes (resources); this backend only
 
 - sends each call through the function's `DeploymentHandle` by value (numpy arrays; docs/scale-out.md
-  says why handles and not direct actor calls), all calls of a layer in flight at once;
+  says why handles and not direct actor calls), all calls of a layer in flight at once; a big call (a
+  prefill) goes out in parts over the function's replicas (`call_parts`), which is also what lets Serve's
+  autoscaler see a busy function: one engine sends one call per function at a time;
 - reports a call that raised, timed out or came back malformed as failed (None): the shared failure
   policy, `collect_with_failover`, then retries it on another function holding its experts, or the
   dispatch computes it locally;
@@ -57,6 +59,18 @@ log = logging.getLogger("moeserve.serving")
 STOPPED, STARTING, READY = "stopped", "starting", "ready"
 
 
+def call_parts(num_tokens: int, running: int, min_tokens: int) -> list[tuple[int, int]]:
+    """Token ranges [start, stop) of one layer call's parts: one part, or, for a call of at least
+    2 x `min_tokens` tokens, max(2, running replicas) parts of at least `min_tokens` tokens each (at least
+    two even with one replica: Serve's autoscaler then sees two requests in flight and adds one).
+    min_tokens 0: never split."""
+    if min_tokens <= 0 or num_tokens < 2 * min_tokens:
+        return [(0, num_tokens)]
+    parts = min(max(2, running), num_tokens // min_tokens)
+    bounds = np.linspace(0, num_tokens, parts + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
 def require_ray():
     """Import ray and ray.serve, or say how to install them (one line)."""
     try:
@@ -82,7 +96,7 @@ class _Function:
     warm_sent_at: float = -1e9  # monotonic time of the last no-op call sent to start a replica
     failed_since_start: bool = False
     counters: dict = field(default_factory=lambda: dict.fromkeys(
-        ("calls", "pairs", "tokens", "failures", "restarts", "cold_starts", "scaled_to_zero"), 0) | dict.fromkeys(
+        ("calls", "split_parts", "pairs", "tokens", "failures", "restarts", "cold_starts", "scaled_to_zero"), 0) | dict.fromkeys(
         ("latency_s", "compute_s", "cold_start_s", "last_cold_start_s"), 0.0))
 
 
@@ -362,16 +376,22 @@ class RayBackend:
                 rc.failed = True
                 return rc
             fn.in_flight += len(pair_rows)
+            parts = call_parts(len(token_rows), fn.running, self.settings.split_min_tokens)
         xs = x.index_select(0, token_rows).float().numpy()
+        rows = pair_rows.astype(np.int32, copy=False)
+        experts, weights = pair_experts.astype(np.int32, copy=False), pair_weights.astype(np.float32, copy=False)
         rc.sent_at = time.perf_counter()
+        responses = []
         try:
-            response = fn.handle.remote(xs, pair_rows.astype(np.int32, copy=False),
-                                        pair_experts.astype(np.int32, copy=False),
-                                        pair_weights.astype(np.float32, copy=False))
+            for start, stop in parts:
+                mine = (rows >= start) & (rows < stop)
+                responses.append(fn.handle.remote(xs[start:stop], rows[mine] - start, experts[mine], weights[mine]))
         except Exception as exc:  # the handle refused (its application was deleted)
+            for response in responses:
+                response.cancel()
             self._failed(fn, rc, f"send failed: {exc}")
             return rc
-        rc.handle = (response, cold)
+        rc.handle = (responses, cold)
         return rc
 
     def _failed(self, fn: _Function, rc: RemoteCall, reason: str) -> None:
@@ -392,32 +412,40 @@ class RayBackend:
             if rc.failed or rc.handle is None:
                 rc.failed = True
                 continue
-            response, cold = rc.handle
+            responses, cold = rc.handle
             fn = self.functions.get(rc.function_id)
             deadline = cold_deadline if cold else warm_deadline
             try:
-                y, compute_s, pid, ready_at = self._result(response, fn, cold, deadline)
-            except Exception as exc:  # the replica died (actor error), timed out, or the app is gone
-                try:
-                    response.cancel()
-                except Exception:
-                    pass
+                answers = [self._result(response, fn, cold, deadline) for response in responses]
+            except Exception as exc:  # a replica died (actor error), timed out, or the app is gone
+                for response in responses:
+                    try:
+                        response.cancel()
+                    except Exception:
+                        pass
                 if fn is not None:
                     self._failed(fn, rc, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
                 else:
                     rc.failed = True
                 continue
             n = int(rc.token_rows.numel())
-            if not isinstance(y, np.ndarray) or y.shape != (n, self.hidden_size) or not np.isfinite(y).all():
+            ys = [a[0] for a in answers]
+            if not all(isinstance(y, np.ndarray) for y in ys) or sum(len(y) for y in ys) != n:
                 self._failed(fn, rc, "malformed result")
                 continue
-            results[i] = torch.from_numpy(np.array(y))  # writable: the dispatch adds into it
-            rc.compute_s = float(compute_s)
+            y = np.concatenate(ys) if len(ys) > 1 else np.array(ys[0])  # writable: the dispatch adds into it
+            if y.shape != (n, self.hidden_size) or not np.isfinite(y).all():
+                self._failed(fn, rc, "malformed result")
+                continue
+            results[i] = torch.from_numpy(y)
+            rc.compute_s = float(sum(a[1] for a in answers))  # billed per replica: the parts' sum
             with self._lock:
-                self._ready_at.setdefault(int(pid), float(ready_at))
+                for _, _, pid, ready_at in answers:
+                    self._ready_at.setdefault(int(pid), float(ready_at))
                 c = fn.counters
                 fn.in_flight = max(0, fn.in_flight - len(rc.pair_rows))
                 c["calls"] += 1
+                c["split_parts"] += len(answers) if len(answers) > 1 else 0
                 c["pairs"] += len(rc.pair_rows)
                 c["tokens"] += n
                 c["latency_s"] += time.perf_counter() - rc.sent_at

@@ -8,7 +8,7 @@ load only that function's experts (`experts/ray_replica.py`). The plan's fields 
 | a function | an application `moeserve-<id>` of one deployment; a plan's replicas (several functions holding the same experts) stay separate applications, so the failure policy can retry on another one |
 | keep_alive_s | `downscale_delay_s` and `downscale_to_zero_delay_s` (minus the look-back window, which Serve waits too) |
 | scale to zero | `min_replicas: 0`; `initial_replicas: 1` (warm at start, as the process backend starts every function) |
-| load | `max_replicas` (defaults.RAY_MAX_REPLICAS), `target_ongoing_requests` (defaults.RAY_TARGET_ONGOING_REQUESTS) |
+| load | `max_replicas` (defaults.RAY_MAX_REPLICAS), `target_ongoing_requests` (defaults.RAY_TARGET_ONGOING_REQUESTS); a call of >= 2 x `split_min_tokens` tokens goes out in max(2, replicas) parts, so a function busy with big calls shows Serve more than one request per replica |
 | vcpus, memory_mb | `ray_actor_options.num_cpus`, `.memory` (bytes), scaled by `resource_scale` to fit a small local Ray |
 | MoEless device d (id `L<l>-d<d>`) | a custom resource `moeserve_device_<d>` the node offering device d declares |
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moeserve.defaults import RAY_MAX_REPLICAS, RAY_TARGET_ONGOING_REQUESTS
+from moeserve.defaults import RAY_MAX_REPLICAS, RAY_SPLIT_MIN_TOKENS, RAY_TARGET_ONGOING_REQUESTS
 from moeserve.plan.ids import device_of
 from moeserve.plan.placement import ExpertFunction
 
@@ -51,6 +51,7 @@ class RaySettings:
     default_vcpus: float = 1.0
     num_threads: int = 1
     max_ongoing_requests: int = 8
+    split_min_tokens: int = RAY_SPLIT_MIN_TOKENS  # 0: never split a call over replicas
     app_prefix: str = APP_PREFIX  # application names: prefix + function id (two engines on one cluster differ)
 
 
