@@ -102,6 +102,8 @@ def test_serve_bad_input_exits_2(tmp_path, tiny_model_dirs):
     assert r.code == 2 and "--backend" in r.err and "process, ray" in r.err
     r = run_cli("serve", str(tiny_model_dirs["qwen3_moe"]), "--ray-address", "auto")
     assert r.code == 2 and "--ray-address needs --backend ray" in r.err
+    r = run_cli("serve", str(tiny_model_dirs["qwen3_moe"]), "--backend", "ray", "--ray-target", "nan")
+    assert r.code == 2 and "--ray-target" in r.err and len(r.err.strip().splitlines()) == 1
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)

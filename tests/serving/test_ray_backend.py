@@ -135,7 +135,7 @@ def test_call_parts_cover_the_tokens_once():
     for n, running in ((100, 3), (97, 5), (1000, 2)):
         parts = call_parts(n, running, 16)
         assert len(parts) == min(max(2, running), n // 16)
-        assert parts[0][0] == 0 and parts[-1][1] == n and all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+        assert parts[0][0] == 0 and parts[-1][1] == n and all(a[1] == b[0] for a, b in zip(parts, parts[1:], strict=False))
         assert min(b - a for a, b in parts) >= 16
 
 

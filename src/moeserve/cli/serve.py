@@ -11,7 +11,7 @@ import typer
 from moeserve import defaults
 from moeserve.cli.app import app
 from moeserve.cli.common import console, emit_json_line
-from moeserve.cli.validate import NON_NEGATIVE, choice, number
+from moeserve.cli.validate import NON_NEGATIVE, POSITIVE, choice, number
 from moeserve.errors import MoeServeError
 
 
@@ -87,6 +87,11 @@ def serve_cmd(
                                      "(Ray Serve deployments; needs moeserve[ray]; docs/scale-out.md)."),
     ray_address: str = typer.Option(None, "--ray-address", help="With --backend ray: the Ray cluster to join "
                                     "(e.g. ray://head:10001 or auto; default: start a local Ray and stop it on exit)."),
+    ray_max_replicas: int = typer.Option(defaults.RAY_MAX_REPLICAS, "--ray-max-replicas", min=1, help="With --backend "
+                                         "ray: most replicas Serve's autoscaler gives one expert function."),
+    ray_target: float = typer.Option(defaults.RAY_TARGET_ONGOING_REQUESTS, "--ray-target", parser=POSITIVE,
+                                     help="With --backend ray: call-seconds per second per replica the autoscaler "
+                                          "aims at (1: a replica always busy with one call; lower scales out sooner)."),
     json_out: bool = typer.Option(False, "--json", help="When ready, print one JSON line on stdout: url, model, "
                                   "plan, expert functions (for scripts; with --port 0 it gives the port)."),
 ) -> None:
@@ -118,6 +123,7 @@ def serve_cmd(
     options = EngineOptions(model, plan, all_local, device, EngineConfig(max_batch, max_queue, max_model_len=max_model_len),
                             tuple(p for p in (pricing or "").split(",") if p), sps_trace, replica_scaling, scaling_window,
                             tuple(served_model_name or ()), dtype, chat_template, backend=backend, ray_address=ray_address,
+                            ray_max_replicas=ray_max_replicas, ray_target=ray_target,
                             expert_cache=ExpertCacheOptions(expert_cache, cache_policy, prefetch) if expert_cache else None)
     config = ServerConfig(api_key, max_tokens, max_body_bytes, request_timeout)
 

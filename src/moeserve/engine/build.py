@@ -23,6 +23,7 @@ from moeserve.experts.expert_cache import ExpertCacheOptions, ExpertCaches
 from moeserve.experts.prewarm import prewarmer_from_trace
 from moeserve.experts.process_backend import ProcessBackend
 from moeserve.experts.ray_backend import RayBackend, require_ray
+from moeserve.experts.ray_config import RaySettings
 from moeserve.experts.replica_scaling import ReplicaScaler
 from moeserve.models.adapter import require_moe_layers
 from moeserve.models.geometry import inspect_model
@@ -63,6 +64,8 @@ class EngineOptions:
     expert_cache: ExpertCacheOptions | None = None  # at most C experts resident per MoE layer (every expert local)
     backend: str = "process"  # where expert functions run: "process" (this machine) or "ray" (Ray Serve)
     ray_address: str | None = None  # with backend "ray": a cluster to join (None: start a local Ray)
+    ray_max_replicas: int = defaults.RAY_MAX_REPLICAS  # with backend "ray": Serve's max_replicas per function
+    ray_target: float = defaults.RAY_TARGET_ONGOING_REQUESTS  # with backend "ray": busy call-seconds per second per replica
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -153,8 +156,9 @@ def build_engine(options: EngineOptions) -> Engine:
         if options.backend == "ray":
             # a Serve replica start takes 20-40 s here: the batch computes a cold function's pairs locally
             # meanwhile instead of waiting (docs/scale-out.md)
+            settings = RaySettings(max_replicas=options.ray_max_replicas, target_ongoing_requests=options.ray_target)
             backend = RayBackend.from_model(model, str(path), placement, address=options.ray_address,
-                                            wait_for_cold_start=False).start()
+                                            settings=settings, wait_for_cold_start=False).start()
         else:
             backend = ProcessBackend.from_model(model, str(path), placement).start()
         log.info("expert functions started: %d", len(placement.functions))

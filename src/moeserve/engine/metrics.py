@@ -190,12 +190,15 @@ def _backend_metrics(stats: dict, failover: dict, rss: GaugeMetricFamily):
     cold = SummaryMetricFamily("moeserve_cold_start_seconds", "Spawn-to-ready time of expert functions",
                                labels=labels)
     up = GaugeMetricFamily("moeserve_function_up", "1 if the expert function is ready", labels=labels)
+    running = GaugeMetricFamily("moeserve_function_replicas", "Running replicas of each expert function (Ray "
+                                "Serve's autoscaler sets them; a process-backend function has one)", labels=labels)
     for fid, f in fns.items():
+        running.add_metric([fid, str(f["layer"])], float(f.get("replicas", 1 if f["state"] == "ready" else 0)))
         latency.add_metric([fid, str(f["layer"])], count_value=f["calls"], sum_value=f["latency_s"])
         cold.add_metric([fid, str(f["layer"])], count_value=f["cold_starts"], sum_value=f["cold_start_s"])
         up.add_metric([fid, str(f["layer"])], 1.0 if f["state"] == "ready" else 0.0)
         rss.add_metric([fid], f["rss_bytes"])
-    yield from (latency, cold, up)
+    yield from (latency, cold, up, running)
     replicas = GaugeMetricFamily("moeserve_replicas_alive", "Ready functions holding each remote expert",
                                  labels=["layer", "expert"])
     for key, n in stats.get("replicas_alive", {}).items():

@@ -176,8 +176,9 @@ class RayBackend:
         args = replica_args(self.model_dir, spec, self.layouts[spec.layer].to_dict(), self.hidden_size,
                             self.dtype_name, self.settings.num_threads)
         options = deployment_config(spec, self.settings)
-        with warnings.catch_warnings():  # look_back under the deprecated metrics_interval_s: see ray_config
+        with warnings.catch_warnings():  # the deprecated metrics_interval_s: see ray_config
             warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
             return self._serve.deployment(ExpertReplica).options(**options).bind(args)
 
     def _deploy(self, specs: list[ExpertFunction], wait: bool) -> None:

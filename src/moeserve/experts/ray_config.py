@@ -12,6 +12,10 @@ load only that function's experts (`experts/ray_replica.py`). The plan's fields 
 | vcpus, memory_mb | `ray_actor_options.num_cpus`, `.memory` (bytes), scaled by `resource_scale` to fit a small local Ray |
 | MoEless device d (id `L<l>-d<d>`) | a custom resource `moeserve_device_<d>` the node offering device d declares |
 
+Serve's default policy cannot see millisecond calls (it samples requests in flight a few times per
+window): `policy` names moeserve's own (`ray_policy`), fed each replica's time-integrated concurrency and
+call count.
+
 Why the look-back matters (issue 12's "still one replica after 25 s idle"): Serve's default policy
 averages ongoing requests over `look_back_period_s` (default 30 s), and a deployment only counts as idle
 once that window holds no request; only then does `downscale_to_zero_delay_s` start. The window is
@@ -24,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moeserve.defaults import RAY_MAX_REPLICAS, RAY_SPLIT_MIN_TOKENS, RAY_TARGET_ONGOING_REQUESTS
+from moeserve.experts.ray_policy import POLICY
 from moeserve.plan.ids import device_of
 from moeserve.plan.placement import ExpertFunction
 
@@ -34,9 +39,10 @@ DEVICE_RESOURCE = "moeserve_device_{}"
 MIB = 1 << 20
 # Serve's autoscaling metrics pushed every second (default 10 s: a keep-alive under ~15 s was not honoured);
 # read by Serve at import, so set in the driver's environment and the replicas' runtime_env.
+METRICS_PUSH_S = 1.0
 SERVE_ENV = {
-    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
-    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": f"{METRICS_PUSH_S:g}",
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": f"{METRICS_PUSH_S:g}",
 }
 
 
@@ -80,6 +86,10 @@ def autoscaling_config(spec: ExpertFunction, settings: RaySettings) -> dict:
         "target_ongoing_requests": settings.target_ongoing_requests,
         "look_back_period_s": window, "upscale_delay_s": 0.0,
         "downscale_delay_s": delay, "downscale_to_zero_delay_s": delay,
+        "policy": {"policy_function": POLICY},
+        # how often replicas push their (custom) metrics; Serve's default, 10 s, left a look-back of a few
+        # seconds without data (the env var in SERVE_ENV covers the handles and ongoing requests only)
+        "metrics_interval_s": METRICS_PUSH_S,
     }
 
 

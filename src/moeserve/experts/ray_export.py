@@ -62,8 +62,9 @@ def validate_serve_config(config: dict) -> None:
         from ray.serve.schema import ServeDeploySchema
     except ImportError:
         raise MoeServeError("exports are validated with Ray's own schema: pip install 'moeserve[ray]'") from None
-    with warnings.catch_warnings():  # short look-back windows: see ray_config
+    with warnings.catch_warnings():  # the deprecated metrics_interval_s: see ray_config
         warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         try:
             ServeDeploySchema.model_validate(config)
         except ValueError as exc:

@@ -15,6 +15,7 @@ path a Serve config names (`moeserve export ray-serve`); the backend deploys the
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import numpy as np
@@ -22,6 +23,7 @@ import psutil
 import torch
 
 from moeserve.experts.ray_config import DEPLOYMENT
+from moeserve.experts.ray_policy import CALLS, CONCURRENCY
 from moeserve.models.checkpoint import read_experts
 from moeserve.models.expert_ffn import ExpertLayout, activation, weighted_expert_sum
 
@@ -42,6 +44,23 @@ class ExpertReplica:
         self.ready_at = time.time()
         self.pid = os.getpid()
         self.fault_mode = ""
+        self._lock = threading.Lock()  # Serve may run calls on several threads at once
+        self._busy_s, self._calls = 0.0, 0  # call seconds and calls since the last autoscaling record
+        self._recorded_at = time.perf_counter()
+
+    def _count(self, seconds: float) -> None:
+        with self._lock:
+            self._busy_s += seconds
+            self._calls += 1
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's hook, called every recording interval: call seconds per wall second and calls since the
+        last record (what `ray_policy.expert_function_policy` scales on)."""
+        now = time.perf_counter()
+        with self._lock:
+            busy, calls, since = self._busy_s, self._calls, now - self._recorded_at
+            self._busy_s, self._calls, self._recorded_at = 0.0, 0, now
+        return {CONCURRENCY: busy / max(since, 1e-6), CALLS: float(calls)}
 
     def __call__(self, x: np.ndarray, pair_rows: np.ndarray, pair_experts: np.ndarray, pair_weights: np.ndarray
                  ) -> tuple[np.ndarray, float, int, float]:
@@ -54,10 +73,14 @@ class ExpertReplica:
         y = weighted_expert_sum(xt, torch.from_numpy(pair_rows.astype(np.int64)), pair_experts,
                                 torch.from_numpy(np.asarray(pair_weights, dtype=np.float32)).to(self.dtype),
                                 self.weights, self.layout, self.act)
-        return y.float().numpy(), time.perf_counter() - t0, self.pid, self.ready_at
+        compute_s = time.perf_counter() - t0
+        self._count(compute_s)
+        return y.float().numpy(), compute_s, self.pid, self.ready_at
 
     def warm(self) -> tuple[int, float]:
-        """A no-op call: sent to a function scaled to zero, it makes Serve start a replica (pre-warming)."""
+        """A no-op call: sent to a function scaled to zero, it makes Serve start a replica (pre-warming); it
+        counts as a call, so the replica is kept for its keep-alive."""
+        self._count(0.0)
         return self.pid, self.ready_at
 
     def fault(self, mode: str) -> None:
